@@ -1,0 +1,1 @@
+"""The patient-upsert pipeline shared by webhooks, reconciliation and imports."""

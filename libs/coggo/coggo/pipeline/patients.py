@@ -1,0 +1,347 @@
+"""Patients mirrored from the PIMS: demographics, species, owners and merges.
+
+Merges keep delivery order irrelevant for a patient merged once: the record a
+PIMS id names always takes the data addressed to it, and data newer than the
+merge also reach the survivor, whether they arrive before the merge (then the
+merge copies them over) or after it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from coggo.errors import PermanentMessageError
+from coggo.pipeline.context import EventContext, cleared
+from coggo.pipeline.normalize import birth_date_from_age, weight_in_kg
+from coggo.pipeline.records import lock_record, merge_fields, write_record
+from coggo.pipeline.species import fold, resolve_species
+from coggo.schemas.partner import Patient
+
+# Longest chain of merges followed; a longer one means a cycle or corrupt data.
+MAX_MERGE_CHAIN = 32
+
+# Logical fields of a patient, each versioned as one, and the columns they set.
+PATIENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "name": ("name",),
+    "breed": ("breed",),
+    "color": ("color",),
+    "sex": ("sex",),
+    "reproductive_status": ("reproductive_status",),
+    "species": ("species_key", "species_raw"),
+    "weight": ("weight_kg",),
+    "date_of_birth": ("date_of_birth", "date_of_birth_estimated"),
+    "owner": ("client_id", "external_client_id"),
+}
+
+Updates = dict[str, dict[str, Any]]
+
+
+async def follow_merges(
+    connection: asyncpg.Connection, row: asyncpg.Record
+) -> asyncpg.Record:
+    """Return the surviving patient at the end of a chain of merges, locked."""
+    seen = {row["id"]}
+    while row["merged_into_id"] is not None:
+        row = await connection.fetchrow(
+            "SELECT * FROM patients WHERE id = $1 FOR UPDATE", row["merged_into_id"]
+        )
+        if row is None or row["id"] in seen or len(seen) > MAX_MERGE_CHAIN:
+            raise PermanentMessageError(
+                "merge_cycle", "the chain of patient merges loops or is too long"
+            )
+        seen.add(row["id"])
+    return row
+
+
+async def _species_of(
+    connection: asyncpg.Connection, clinic_id: str, key: str | None, raw: str | None
+) -> str | None:
+    mapping: dict[str, str | None] = {}
+    if key:
+        mapping[key] = await connection.fetchval(
+            "SELECT species FROM species_map WHERE clinic_id = $1 AND pims_key = $2",
+            clinic_id,
+            key,
+        )
+    return resolve_species(key, raw, mapping)
+
+
+async def _remember_name(
+    connection: asyncpg.Connection,
+    clinic_id: str,
+    *,
+    breed: str | None = None,
+    color: str | None = None,
+    species: str | None = None,
+) -> None:
+    """Add a breed or color to the clinic's list once, compared after folding."""
+    if breed:
+        await connection.execute(
+            """
+            INSERT INTO breeds (clinic_id, species, name, folded) VALUES ($1, $2, $3, $4)
+            ON CONFLICT DO NOTHING
+            """,
+            clinic_id,
+            species or "",
+            " ".join(breed.split()),
+            fold(breed),
+        )
+    if color:
+        await connection.execute(
+            """
+            INSERT INTO colors (clinic_id, name, folded) VALUES ($1, $2, $3)
+            ON CONFLICT DO NOTHING
+            """,
+            clinic_id,
+            " ".join(color.split()),
+            fold(color),
+        )
+
+
+def _patient_updates(
+    patient: Patient, context: EventContext, owner: asyncpg.Record | None
+) -> Updates:
+    present = patient.model_fields_set
+    updates: Updates = {"name": {"name": patient.name.strip()}}
+    for name in ("breed", "color"):
+        if name in present:
+            value = cleared(getattr(patient, name))
+            updates[name] = {name: " ".join(value.split()) if value else None}
+    for name in ("sex", "reproductive_status"):
+        if name in present:
+            value = getattr(patient, name)
+            updates[name] = {name: value.value if value is not None else None}
+    if present & {"species_key", "species"}:
+        updates["species"] = {
+            "species_key": cleared(patient.species_key),
+            "species_raw": cleared(patient.species),
+        }
+    if present & {"weight", "weight_kg"}:
+        try:
+            kilograms = weight_in_kg(patient.weight, patient.weight_kg)
+        except ValueError as exc:
+            raise PermanentMessageError("invalid_weight", str(exc)) from None
+        updates["weight"] = {"weight_kg": kilograms}
+    if present & {"date_of_birth", "age"}:
+        if patient.date_of_birth is not None:
+            born, estimated = patient.date_of_birth, False
+        elif patient.age is not None:
+            born, estimated = (
+                birth_date_from_age(patient.age, context.occurred_at),
+                True,
+            )
+        else:
+            born, estimated = None, False
+        updates["date_of_birth"] = {
+            "date_of_birth": born,
+            "date_of_birth_estimated": estimated,
+        }
+    if owner is not None:
+        updates["owner"] = {
+            "client_id": owner["id"],
+            "external_client_id": owner["external_id"],
+        }
+    elif "external_client_id" in present and patient.external_client_id is None:
+        updates["owner"] = {"client_id": None, "external_client_id": None}
+    return updates
+
+
+async def _apply_updates(
+    connection: asyncpg.Connection,
+    context: EventContext,
+    target: asyncpg.Record,
+    stamped: list[tuple[str, Updates]],
+    *,
+    created: bool,
+) -> dict[str, Any]:
+    """Merge stamped updates into one patient row; return the columns that changed."""
+    versions = dict(target["versions"] or {})
+    changed: dict[str, Any] = {}
+    for stamp, updates in stamped:
+        view = {**dict(target), **changed, "versions": versions}
+        more, versions = merge_fields(view, updates, stamp)
+        changed.update(more)
+    if created or "species_key" in changed or "species_raw" in changed:
+        key = changed.get("species_key", target["species_key"])
+        raw = changed.get("species_raw", target["species_raw"])
+        species = await _species_of(connection, context.clinic_id, key, raw)
+        for column, value in (
+            ("species", species),
+            ("species_resolved", species is not None),
+        ):
+            if target[column] != value:
+                changed[column] = value
+    changed = {
+        column: value for column, value in changed.items() if target[column] != value
+    }
+    if versions != target["versions"]:
+        await write_record(connection, "patients", target["id"], changed, versions)
+    return changed
+
+
+def _emit_patient(
+    context: EventContext, row: asyncpg.Record, changed: dict[str, Any]
+) -> None:
+    merged = {**dict(row), **changed}
+    context.emit(
+        "patient.upserted",
+        {
+            "patientId": str(row["id"]),
+            "externalPatientId": row["external_id"],
+            "clientId": str(merged["client_id"]) if merged["client_id"] else None,
+            "externalClientId": merged["external_client_id"],
+            "species": merged["species"],
+            "speciesResolved": merged["species_resolved"],
+        },
+    )
+
+
+async def upsert_patient(
+    connection: asyncpg.Connection,
+    context: EventContext,
+    patient: Patient,
+    owner: asyncpg.Record | None,
+) -> dict[str, Any]:
+    """Upsert a patient; return, as stored now, the row appointments link to.
+
+    That row is the patient itself, or the survivor when it was merged away.
+    """
+    if patient.external_client_id and (
+        owner is None or owner["external_id"] != patient.external_client_id
+    ):
+        owner, _ = await lock_record(
+            connection, "clients", context.clinic_id, patient.external_client_id
+        )
+    row, created = await lock_record(
+        connection, "patients", context.clinic_id, patient.external_id
+    )
+    updates = _patient_updates(patient, context, owner)
+
+    changed = await _apply_updates(
+        connection, context, row, [(context.stamp, updates)], created=created
+    )
+    current = {**dict(row), **changed}
+    if row["merged_into_id"] is not None:
+        survivor = await follow_merges(connection, row)
+        current = dict(survivor)
+        if context.stamp > (row["versions"] or {}).get("merged_into", ""):
+            survivor_changed = await _apply_updates(
+                connection, context, survivor, [(context.stamp, updates)], created=False
+            )
+            if survivor_changed:
+                _emit_patient(context, survivor, survivor_changed)
+            current.update(survivor_changed)
+    elif changed or created:
+        _emit_patient(context, row, changed)
+
+    # Every breed and color a PIMS sends joins the clinic's lists, whether or
+    # not this event is the newest for the patient, so the lists do not depend
+    # on the order of delivery. Breeds are listed under the species the same
+    # payload names.
+    if updates.get("breed") or updates.get("color"):
+        species = None
+        if "species" in updates:
+            names = updates["species"]
+            species = await _species_of(
+                connection,
+                context.clinic_id,
+                names["species_key"],
+                names["species_raw"],
+            )
+        await _remember_name(
+            connection,
+            context.clinic_id,
+            breed=(updates.get("breed") or {}).get("breed"),
+            color=(updates.get("color") or {}).get("color"),
+            species=species,
+        )
+    return current
+
+
+async def merge_patients(
+    connection: asyncpg.Connection,
+    context: EventContext,
+    merged_external_id: str,
+    survivor_external_id: str,
+) -> None:
+    """Merge one patient into another; appointments, visits and later data follow."""
+    # Lock both rows in a fixed order so concurrent merges cannot deadlock.
+    rows = {}
+    for external_id in sorted((merged_external_id, survivor_external_id)):
+        rows[external_id], _ = await lock_record(
+            connection, "patients", context.clinic_id, external_id
+        )
+    merged = rows[merged_external_id]
+    survivor = await follow_merges(connection, rows[survivor_external_id])
+    if survivor["id"] == merged["id"]:
+        raise PermanentMessageError(
+            "merge_cycle",
+            "the survivor of this merge was itself merged into the merged-away patient",
+        )
+
+    changed, versions = merge_fields(
+        merged, {"merged_into": {"merged_into_id": survivor["id"]}}, context.stamp
+    )
+    if versions != merged["versions"]:
+        await write_record(connection, "patients", merged["id"], changed, versions)
+    if not changed:
+        return
+
+    # Data the merged-away record received after the merge belong to the survivor.
+    newer = [
+        (stamp, {field: {column: merged[column] for column in PATIENT_FIELDS[field]}})
+        for field, stamp in sorted(versions.items(), key=lambda item: item[1])
+        if field in PATIENT_FIELDS and stamp > context.stamp
+    ]
+    if newer:
+        survivor_changed = await _apply_updates(
+            connection, context, survivor, newer, created=False
+        )
+        if survivor_changed:
+            _emit_patient(context, survivor, survivor_changed)
+
+    # Earlier merges into the merged-away patient now point at the survivor too.
+    await connection.execute(
+        "UPDATE patients SET merged_into_id = $2 WHERE merged_into_id = $1 AND id <> $2",
+        merged["id"],
+        survivor["id"],
+    )
+    moved = await connection.fetch(
+        "UPDATE appointments SET patient_id = $2, updated_at = now() "
+        "WHERE patient_id = $1 RETURNING id",
+        merged["id"],
+        survivor["id"],
+    )
+    await connection.execute(
+        "UPDATE visits SET patient_id = $2, updated_at = now() WHERE patient_id = $1",
+        merged["id"],
+        survivor["id"],
+    )
+    context.emit(
+        "patient.merged",
+        {
+            "patientId": str(merged["id"]),
+            "externalPatientId": merged_external_id,
+            "mergedIntoPatientId": str(survivor["id"]),
+            "mergedIntoExternalPatientId": survivor["external_id"],
+            "appointmentsMoved": len(moved),
+        },
+    )
+
+
+async def resolve_pending_species(
+    connection: asyncpg.Connection, clinic_id: str
+) -> int:
+    """Resolve patients whose species key has gained a mapping; return how many changed."""
+    result = await connection.execute(
+        """
+        UPDATE patients p SET species = m.species, species_resolved = true, updated_at = now()
+        FROM species_map m
+        WHERE p.clinic_id = $1 AND m.clinic_id = p.clinic_id AND m.pims_key = p.species_key
+          AND m.species IS NOT NULL AND p.species IS DISTINCT FROM m.species
+        """,
+        clinic_id,
+    )
+    return int(result.split()[-1])

@@ -1,0 +1,1 @@
+"""Wire schemas: the Partner API (partner.py) and the bus messages (bus.py)."""

@@ -1,0 +1,1 @@
+"""SOAP notes pushed to a PIMS: rendering and the push envelope."""

@@ -1,0 +1,1 @@
+"""coggo-admin: the operator CLI for the database and integrations."""

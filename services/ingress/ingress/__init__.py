@@ -1,0 +1,1 @@
+"""The Partner API ingress: authenticated, signed webhooks in, the outbox out."""

@@ -1,0 +1,196 @@
+"""HTTP routes of the ingress and the checks of POST /webhooks, in their order."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+from aiohttp import web
+from coggo import metrics
+from coggo.broker import Broker
+from coggo.credentials import SecretBox
+from coggo.errors import (
+    CoggoError,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
+from coggo.ops import add_ops_routes, check_database
+from coggo.outbox import OutboxRelay
+from coggo.rate_limit import RateLimiter
+from coggo.signing import SignatureHeaders, verify_request
+from coggo.topology import Topology
+
+from ingress.accept import decode_body, store_event, validate_event
+from ingress.auth import Caller, KeyCache, authenticate, require_webhook_access
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+PREFIX = "/v1/partner"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Ingress:
+    pool: asyncpg.Pool
+    broker: Broker
+    topology: Topology
+    box: SecretBox
+    relay: OutboxRelay
+    keys: KeyCache = field(init=False)
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+
+    def __post_init__(self) -> None:
+        self.keys = KeyCache(self.pool, self.box)
+
+
+INGRESS_KEY = web.AppKey("ingress", Ingress)
+
+
+def error_response(error: CoggoError) -> web.Response:
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except CoggoError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:
+        response = web.json_response(
+            {
+                "error": exc.reason.lower().replace(" ", "_"),
+                "detail": exc.text or exc.reason,
+            },
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.error("request.storage_unavailable", route=route_name, error=repr(exc))
+        response = error_response(
+            ServiceUnavailable("storage is unavailable; retry with the same event id")
+        )
+    metrics.HTTP_REQUESTS.labels(route_name, str(response.status)).inc()
+    metrics.HTTP_LATENCY.labels(route_name).observe(time.perf_counter() - started)
+    return response
+
+
+async def _caller(request: web.Request) -> Caller:
+    ingress = request.app[INGRESS_KEY]
+    return await authenticate(ingress.keys, request.headers.get("Authorization"))
+
+
+async def _check_rate(ingress: Ingress, caller: Caller) -> None:
+    decision = await ingress.limiter.hit(ingress.pool, caller.key.key_id)
+    if not decision.allowed:
+        raise RateLimited(
+            f"more than {ingress.limiter.requests} requests a minute for this API key; "
+            f"retry after {decision.retry_after} seconds",
+            headers={"Retry-After": str(decision.retry_after)},
+        )
+
+
+async def ping(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS_KEY]
+    caller = await _caller(request)
+    if not caller.key.plan_enabled:
+        require_webhook_access(caller)
+    await _check_rate(ingress, caller)
+    return web.json_response(
+        {
+            "ok": True,
+            "clinicId": caller.key.clinic_id,
+            "provider": caller.key.provider,
+            "scopes": list(caller.key.scopes),
+            "status": caller.key.status,
+        }
+    )
+
+
+def _check_content_type(request: web.Request) -> None:
+    raw = request.headers.get("Content-Type")
+    if raw is None:
+        return
+    mime = raw.split(";", 1)[0].strip().lower()
+    if mime != "application/json" and not mime.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type {mime[:100]!r} is not supported: send application/json"
+        )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(
+            f"body is {request.content_length} bytes; the limit is {MAX_BODY_BYTES} bytes"
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"body exceeds the limit of {MAX_BODY_BYTES} bytes"
+        ) from None
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS_KEY]
+
+    caller = await _caller(request)
+    require_webhook_access(caller)
+    await _check_rate(ingress, caller)
+
+    body = await _read_body(request)
+    _check_content_type(request)
+    payload = decode_body(body)
+
+    verify_request(SignatureHeaders.from_mapping(request.headers), body, caller.secrets)
+
+    event = validate_event(payload)
+    accepted = await store_event(
+        ingress.pool, ingress.topology, caller.key.clinic_id, payload, event
+    )
+    if not accepted.duplicate:
+        ingress.relay.notify()
+
+    metrics.EVENTS_ACCEPTED.labels(
+        event.type.value, str(accepted.duplicate).lower()
+    ).inc()
+    log.info(
+        "webhook.accepted",
+        clinic_id=caller.key.clinic_id,
+        event_id=event.id,
+        event_type=event.type.value,
+        duplicate=accepted.duplicate,
+    )
+    return web.json_response({"received": True, "duplicate": accepted.duplicate})
+
+
+def build_app(ingress: Ingress) -> web.Application:
+    # aiohttp answers bodies over client_max_size with 413 on read; the
+    # middleware turns that into the JSON error body.
+    app = web.Application(
+        middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES
+    )
+    app[INGRESS_KEY] = ingress
+    app.router.add_get(f"{PREFIX}/ping", ping)
+    app.router.add_post(f"{PREFIX}/webhooks", receive_webhook)
+
+    async def readiness() -> dict[str, bool]:
+        return {
+            "database": await check_database(ingress.pool),
+            "broker": ingress.broker.connected,
+        }
+
+    add_ops_routes(app, readiness)
+    return app

@@ -1,0 +1,1 @@
+"""The patient-upsert consumer: PIMS events into clients, patients and visits."""

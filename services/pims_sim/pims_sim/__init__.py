@@ -1,0 +1,1 @@
+"""Reference PIMS: the Partner API's PIMS-hosted endpoints and a webhook sender."""

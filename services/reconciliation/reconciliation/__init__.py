@@ -1,0 +1,1 @@
+"""The reconciliation worker: appointments, species and patient search from each PIMS."""

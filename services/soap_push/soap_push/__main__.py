@@ -1,0 +1,140 @@
+"""Run the SOAP-push dispatcher: `coggo-soap-push` or `python -m soap_push`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+
+import structlog
+from coggo.broker import Broker
+from coggo.consumer import Consumer
+from coggo.credentials import SecretBox
+from coggo.db import create_pool
+from coggo.ops import check_database, serve_ops
+from coggo.outbound import OutboundClient
+from coggo.outbox import OutboxRelay
+from coggo.service import run_service
+from coggo.settings import Settings
+from coggo.topology import SOAP_PUSH_QUEUE, Topology
+
+from soap_push.delivery import TargetCache
+from soap_push.dispatcher import Dispatcher
+from soap_push.intake import PushIntake
+from soap_push.options import PushOptions
+from soap_push.retry import RetryPolicy
+from soap_push.store import PushStore
+
+log = structlog.get_logger(__name__)
+
+# Time the outbox relay gets to publish the last events at shutdown.
+RELAY_STOP_SECONDS = 10.0
+
+
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    options: PushOptions | None = None,
+    policy: RetryPolicy | None = None,
+) -> None:
+    """Consume soap.push commands and deliver the pushes until `stop` is set.
+
+    `options` defaults to the COGGO_SOAP_PUSH_* environment variables and
+    `policy` to the backoff those options describe.
+    """
+    options = options if options is not None else PushOptions()
+    policy = policy if policy is not None else options.retry_policy()
+    box = SecretBox.from_settings(settings)
+    topology = Topology(settings.topology_prefix)
+    pool = await create_pool(settings.database_url, size=settings.db_pool_size)
+    broker = Broker(settings.amqp_url, topology, name="coggo-soap-push")
+    maintaining = asyncio.create_task(broker.maintain())
+    relay = OutboxRelay(pool, broker)
+    relaying = asyncio.create_task(relay.run())
+    client = OutboundClient(
+        allow_private=settings.allow_private_targets,
+        timeout=options.timeout_seconds,
+        limit_per_host=options.clinic_max_in_flight,
+    )
+
+    store = PushStore(pool, topology.events)
+    dispatcher = Dispatcher(
+        store=store,
+        targets=TargetCache(pool, box),
+        client=client,
+        broker=broker,
+        relay=relay,
+        options=options,
+        policy=policy,
+    )
+    dispatching = asyncio.create_task(dispatcher.run())
+    consumer = Consumer(
+        broker,
+        topology.name(SOAP_PUSH_QUEUE),
+        PushIntake(store, dispatcher, relay),
+        prefetch=settings.prefetch,
+    )
+    await consumer.start()
+
+    ops = None
+    if settings.metrics_port:
+
+        async def readiness() -> dict[str, bool]:
+            return {"database": await check_database(pool), "broker": broker.connected}
+
+        ops = await serve_ops(settings.ingress_host, settings.metrics_port, readiness)
+
+    await stop.wait()
+    log.info("soap_push.stopping", in_flight=dispatcher.in_flight)
+    # Take no new commands, then let the attempts in flight finish and record
+    # their outcome; the relay publishes their events before it stops.
+    await consumer.stop()
+    await dispatcher.stop(timeout=options.timeout_seconds + 5.0)
+    await dispatching
+    relay.stop()
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(relaying, RELAY_STOP_SECONDS)
+    await _publish_remaining_events(relay)
+    if ops is not None:
+        await ops.cleanup()
+    await client.close()
+    await broker.close()
+    maintaining.cancel()
+    await pool.close()
+
+
+async def _publish_remaining_events(relay: OutboxRelay) -> None:
+    """Publish the events of the last attempts, which the stopped relay left behind.
+
+    Whatever is not published here stays in the outbox, and the relay of any
+    service that runs next publishes it.
+    """
+    try:
+        async with asyncio.timeout(RELAY_STOP_SECONDS):
+            while await relay.drain_once():
+                pass
+    except Exception as exc:
+        log.warning("soap_push.events_left_in_outbox", error=repr(exc))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="coggo-soap-push",
+        description=(
+            "Consume soap.push commands from the coggo.soap-push queue and POST "
+            "each note, signed, to its clinic's PIMS push endpoint, retrying with "
+            "exponential backoff (5 attempts) and publishing push.sent, "
+            "push.failed and push.superseded on coggo.events. Configured by "
+            "COGGO_* environment variables; COGGO_SOAP_PUSH_TIMEOUT_SECONDS, "
+            "_BACKOFF_SECONDS, _BACKOFF_MULTIPLIER, _MAX_BACKOFF_SECONDS, "
+            "_MAX_IN_FLIGHT, _CLINIC_MAX_IN_FLIGHT and _POLL_SECONDS tune the attempts. "
+            "COGGO_METRICS_PORT serves /healthz, /readyz and /metrics on a side port."
+        ),
+    )
+    parser.parse_args(argv)
+    run_service("coggo-soap-push", serve)
+
+
+if __name__ == "__main__":
+    main()
