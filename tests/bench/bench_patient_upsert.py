@@ -22,19 +22,23 @@ from typing import Any
 import aio_pika
 import asyncpg
 import orjson
-
 from coggo.credentials import SecretBox
 from coggo.db import create_pool
 from coggo.integrations import create_integration
 from coggo.outbox import enqueue_events
-from coggo.pipeline.upsert import EventContext, apply_event
+from coggo.pipeline.upsert import EventContext, PendingEvent, apply_events
 from coggo.schemas.partner import EventType, parse_event_data
+
 from tests.bench.common import bench_env, environment
 from tests.bench.report import Section
 
 EVENTS = int(os.environ.get("COGGO_BENCH_UPSERT_EVENTS", "50000"))
 CLINIC = "bench-clinic"
 CONCURRENCY = 10
+CONSUMERS = int(os.environ.get("COGGO_BENCH_UPSERT_CONSUMERS", "2"))
+# The consumer's defaults: batches of up to 100 messages, pool size minus 2 at once.
+BATCH = 100
+WORKERS = CONCURRENCY - 2
 
 
 def build_messages(count: int) -> list[dict[str, Any]]:
@@ -67,7 +71,10 @@ def build_messages(count: int) -> list[dict[str, Any]]:
                         "name": f"Pet {index % 20000}",
                         "species": "dog" if index % 2 else "cat",
                         "breed": ["Beagle", "Collie", "Mixed"][index % 3],
-                        "weight": {"value": 5 + index % 30, "unit": "lb" if index % 2 else "kg"},
+                        "weight": {
+                            "value": 5 + index % 30,
+                            "unit": "lb" if index % 2 else "kg",
+                        },
                         "externalClientId": f"cli_{index % 12000}",
                     },
                 },
@@ -76,7 +83,9 @@ def build_messages(count: int) -> list[dict[str, Any]]:
     return messages
 
 
-async def publish(amqp_url: str, exchange_name: str, messages: list[dict[str, Any]]) -> float:
+async def publish(
+    amqp_url: str, exchange_name: str, messages: list[dict[str, Any]]
+) -> float:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -99,33 +108,66 @@ async def publish(amqp_url: str, exchange_name: str, messages: list[dict[str, An
         return time.perf_counter() - started
 
 
-async def drain_with_consumer(settings: Any, count: int) -> tuple[float, int]:
-    """Start the consumer process and time it until every message is processed."""
+async def drain_with_consumers(settings: Any, count: int) -> tuple[float, list[int]]:
+    """Start the consumer processes and time them until every message is processed."""
     env = environment(settings)
-    env["COGGO_PREFETCH"] = "200"
     env["COGGO_DB_POOL_SIZE"] = str(CONCURRENCY)
-    pool = await asyncpg.connect(settings.database_url)
+    connection = await asyncpg.connect(settings.database_url)
     script = Path(sys.executable).parent / "coggo-patient-upsert"
     started = time.perf_counter()
-    process = subprocess.Popen([str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
+    processes = [
+        subprocess.Popen(
+            [str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        for _ in range(CONSUMERS)
+    ]
+    profiler = None
+    if os.environ.get("COGGO_BENCH_PROFILE"):
+        # py-spy samples the first consumer while it drains.
+        profiler = subprocess.Popen(  # noqa: S603, ASYNC220
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(processes[0].pid),
+                "--format",
+                "raw",
+                "--output",
+                os.environ["COGGO_BENCH_PROFILE"],
+                "--duration",
+                "20",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     try:
         done = 0
         last_report = started
         while done < count:
             await asyncio.sleep(0.25)
-            done = await pool.fetchval("SELECT count(*) FROM processed_messages")
-            if process.poll() is not None:
-                raise RuntimeError(f"consumer exited: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            done = await connection.fetchval("SELECT count(*) FROM processed_messages")
+            for process in processes:
+                if process.poll() is not None:
+                    error = process.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+                    raise RuntimeError(f"consumer exited: {error}")
             if time.perf_counter() - last_report > 5:
-                print(f"    consumer: {done}/{count} processed", flush=True)
+                backlog = await connection.fetchval("SELECT count(*) FROM outbox")
+                print(
+                    f"    {done}/{count} processed, {backlog} domain events waiting",
+                    flush=True,
+                )
                 last_report = time.perf_counter()
         elapsed = time.perf_counter() - started
-        rss = _rss_kib(process.pid)
+        memory = [_rss_kib(process.pid) for process in processes]
     finally:
-        process.terminate()
-        process.wait(30)
-        await pool.close()
-    return elapsed, rss
+        if profiler is not None:
+            profiler.wait(60)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+        await connection.close()
+    return elapsed, memory
 
 
 def _rss_kib(pid: int) -> int:
@@ -138,31 +180,44 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-async def straight_sql(database_url: str, messages: list[dict[str, Any]], events_exchange: str) -> float:
-    """Run the same pipeline SQL for every message directly, CONCURRENCY at a time."""
+async def straight_sql(
+    database_url: str, messages: list[dict[str, Any]], events_exchange: str
+) -> float:
+    """Run the consumer's SQL for every message directly: same batches, same concurrency."""
     pool = await create_pool(database_url, size=CONCURRENCY)
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    for message in messages:
-        queue.put_nowait(message)
+    batches: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
+    for offset in range(0, len(messages), BATCH):
+        batches.put_nowait(messages[offset : offset + BATCH])
 
     async def worker() -> None:
-        while not queue.empty():
-            message = queue.get_nowait()
-            event_type = EventType(message["type"])
-            data = parse_event_data(event_type, message["data"])
+        while not batches.empty():
+            batch = batches.get_nowait()
+            pending = []
+            for message in batch:
+                event_type = EventType(message["type"])
+                context = EventContext(
+                    CLINIC,
+                    message["eventId"],
+                    datetime.fromisoformat(message["occurredAt"]),
+                    "UTC",
+                )
+                pending.append(
+                    PendingEvent(
+                        context,
+                        event_type,
+                        parse_event_data(event_type, message["data"]),
+                    )
+                )
             async with pool.acquire() as connection, connection.transaction():
                 await connection.execute(
-                    "INSERT INTO processed_messages (consumer, message_id) VALUES ('bench', $1)",
-                    message["id"],
+                    "INSERT INTO processed_messages (consumer, message_id) SELECT 'bench', unnest($1::text[])",
+                    [message["id"] for message in batch],
                 )
-                context = EventContext(
-                    CLINIC, message["eventId"], datetime.fromisoformat(message["occurredAt"]), "UTC"
-                )
-                events = await apply_event(connection, context, event_type, data)
+                events = await apply_events(connection, pending)
                 await enqueue_events(connection, events_exchange, events)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    await asyncio.gather(*(worker() for _ in range(WORKERS)))
     elapsed = time.perf_counter() - started
     await pool.close()
     return elapsed
@@ -171,32 +226,45 @@ async def straight_sql(database_url: str, messages: list[dict[str, Any]], events
 async def run() -> Section:
     section = Section(
         "patient-upsert: draining queued appointment events",
-        f"make bench ARGS=patient_upsert  (COGGO_BENCH_UPSERT_EVENTS={EVENTS})",
+        f"make bench ARGS=patient_upsert  (COGGO_BENCH_UPSERT_EVENTS={EVENTS}, "
+        f"COGGO_BENCH_UPSERT_CONSUMERS={CONSUMERS})",
     )
     messages = build_messages(EVENTS)
     async with bench_env("upsert") as env:
         connection = await asyncpg.connect(env.database_url)
         await create_integration(
-            connection, SecretBox("bench-secret-key"), clinic_id=CLINIC, provider="bench"
+            connection,
+            SecretBox("bench-secret-key"),
+            clinic_id=CLINIC,
+            provider="bench",
         )
         await connection.close()
-        publish_seconds = await publish(env.settings.amqp_url, env.topology.webhooks, messages)
+        publish_seconds = await publish(
+            env.settings.amqp_url, env.topology.webhooks, messages
+        )
         print(f"    queued {EVENTS} events in {publish_seconds:.1f} s", flush=True)
-        consumer_seconds, rss = await drain_with_consumer(env.settings, EVENTS)
+        consumer_seconds, memory = await drain_with_consumers(env.settings, EVENTS)
 
     async with bench_env("upsert-sql") as env:
-        sql_seconds = await straight_sql(env.database_url, messages, env.topology.events)
+        sql_seconds = await straight_sql(
+            env.database_url, messages, env.topology.events
+        )
 
     consumer_rate = EVENTS / consumer_seconds
     sql_rate = EVENTS / sql_seconds
     section.add("events drained", EVENTS)
-    section.add("consumer rate", consumer_rate, "events/s", ">= 1500", consumer_rate >= 1500)
+    section.add(
+        "consumer rate", consumer_rate, "events/s", ">= 1500", consumer_rate >= 1500
+    )
     section.add("straight SQL rate", sql_rate, "events/s")
     ratio = consumer_rate / sql_rate
     section.add("consumer / straight SQL", round(ratio, 2), "", ">= 0.6", ratio >= 0.6)
-    section.add("consumer resident memory at the end", round(rss / 1024, 1), "MiB")
+    section.add("largest consumer resident memory", round(max(memory) / 1024, 1), "MiB")
     section.notes.append(
-        f"{CONCURRENCY} database connections on both sides; the consumer runs as its own process "
-        "with prefetch 200 and publishes 3 domain events per message through its outbox."
+        f"{CONSUMERS} consumer processes (replicas) drain one queue, each with {CONCURRENCY} "
+        f"database connections, prefetch 256 and batches of at most {BATCH} events; each "
+        "publishes 3 domain events per message through its outbox. The straight SQL side "
+        f"runs {WORKERS} such batches at once in one process and writes the same outbox "
+        "rows but publishes nothing."
     )
     return section

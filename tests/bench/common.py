@@ -10,14 +10,16 @@ from dataclasses import dataclass
 
 import aio_pika
 import asyncpg
-
 from coggo import db
 from coggo.settings import Settings
 from coggo.topology import Topology
+
 from tests.support.infra import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL
 
 AMQP_URL = os.environ.get("COGGO_AMQP_URL", DEFAULT_AMQP_URL)
-SERVER_URL = os.environ.get("COGGO_DATABASE_URL", DEFAULT_DATABASE_URL).rsplit("/", 1)[0] + "/"
+SERVER_URL = (
+    os.environ.get("COGGO_DATABASE_URL", DEFAULT_DATABASE_URL).rsplit("/", 1)[0] + "/"
+)
 
 
 @dataclass

@@ -89,7 +89,7 @@ def hardware() -> str:
         try:
             output = subprocess.run(
                 command, capture_output=True, text=True, timeout=20, check=False
-            )  # noqa: S603
+            )
             versions.append(output.stdout.strip().splitlines()[-1])
         except (OSError, subprocess.SubprocessError, IndexError):
             continue

@@ -37,7 +37,12 @@ class Settings(BaseSettings):
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = "info"
     db_pool_size: int = Field(default=10, ge=1, le=200)
-    prefetch: int = Field(default=64, ge=1, le=10_000)
+    prefetch: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description="Messages a worker holds unacknowledged.",
+    )
 
 
 @lru_cache(maxsize=1)

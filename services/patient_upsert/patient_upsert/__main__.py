@@ -29,11 +29,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     relay = OutboxRelay(pool, broker)
     relaying = asyncio.create_task(relay.run())
 
+    handler = WebhookHandler(
+        pool, topology, relay, concurrency=max(1, settings.db_pool_size - 2)
+    )
+    batching = asyncio.create_task(handler.run())
     consumer = Consumer(
-        broker,
-        topology.name(PATIENT_UPSERT_QUEUE),
-        WebhookHandler(pool, topology, relay),
-        prefetch=settings.prefetch,
+        broker, topology.name(PATIENT_UPSERT_QUEUE), handler, prefetch=settings.prefetch
     )
     await consumer.start()
 
@@ -48,6 +49,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await stop.wait()
     log.info("patient_upsert.stopping")
     await consumer.stop()
+    batching.cancel()
     relay.stop()
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
         await asyncio.wait_for(relaying, 10)

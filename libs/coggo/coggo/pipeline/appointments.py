@@ -5,14 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import asyncpg
-
 from coggo.errors import PermanentMessageError
 from coggo.pipeline.clients import upsert_client
 from coggo.pipeline.context import EventContext, cleared
 from coggo.pipeline.normalize import appointment_time
 from coggo.pipeline.patients import upsert_patient
-from coggo.pipeline.records import lock_record, merge_fields, write_record
+from coggo.pipeline.records import merge_fields
+from coggo.pipeline.store import Row, Store
 from coggo.schemas.partner import (
     Appointment,
     AppointmentRef,
@@ -52,43 +51,43 @@ def _appointment_updates(
 
 
 async def _write_appointment(
-    connection: asyncpg.Connection,
+    store: Store,
     context: EventContext,
     appointment: Appointment | AppointmentRef,
-    patient: dict[str, Any] | None,
+    patient: Row | None,
     status: AppointmentStatus | None,
 ) -> None:
-    row, _ = await lock_record(
-        connection, "appointments", context.clinic_id, appointment.external_id
+    row, _ = await store.lock(
+        "appointments", context.clinic_id, appointment.external_id
     )
     updates = _appointment_updates(appointment, context, status=status)
     if patient is not None:
         updates["patient"] = {"patient_id": patient["id"]}
     changed, versions = merge_fields(row, updates, context.stamp)
     if versions != row["versions"]:
-        await write_record(connection, "appointments", row["id"], changed, versions)
-    await sync_visit(connection, context, {**dict(row), **changed}, patient)
+        store.save("appointments", row, changed, versions)
+    await sync_visit(store, context, row, patient)
 
 
 async def upsert_appointment_event(
-    connection: asyncpg.Connection,
+    store: Store,
     context: EventContext,
     event_type: EventType,
     appointment: Appointment,
     client: Client | None,
     patient: Patient,
 ) -> None:
-    owner = await upsert_client(connection, context, client) if client else None
-    patient_row = await upsert_patient(connection, context, patient, owner)
+    owner = await upsert_client(store, context, client) if client else None
+    patient_row = await upsert_patient(store, context, patient, owner)
 
     status = appointment.status
     if status is None and event_type == EventType.APPOINTMENT_CREATED:
         status = AppointmentStatus.SCHEDULED
-    await _write_appointment(connection, context, appointment, patient_row, status)
+    await _write_appointment(store, context, appointment, patient_row, status)
 
 
 async def cancel_appointment(
-    connection: asyncpg.Connection,
+    store: Store,
     context: EventContext,
     appointment: Appointment | AppointmentRef,
     client: Client | None,
@@ -96,41 +95,32 @@ async def cancel_appointment(
 ) -> None:
     patient_row = None
     if patient is not None:
-        owner = await upsert_client(connection, context, client) if client else None
-        patient_row = await upsert_patient(connection, context, patient, owner)
+        owner = await upsert_client(store, context, client) if client else None
+        patient_row = await upsert_patient(store, context, patient, owner)
     await _write_appointment(
-        connection, context, appointment, patient_row, AppointmentStatus.CANCELLED
+        store, context, appointment, patient_row, AppointmentStatus.CANCELLED
     )
 
 
 async def sync_visit(
-    connection: asyncpg.Connection,
-    context: EventContext,
-    appointment: dict[str, Any],
-    patient: dict[str, Any] | None = None,
+    store: Store, context: EventContext, appointment: Row, patient: Row | None = None
 ) -> None:
     """Keep one visit per appointment, matching its status, time and patient."""
-    # One statement creates the visit or locks the existing one.
-    visit = await connection.fetchrow(
-        """
-        INSERT INTO visits AS v (id, clinic_id, appointment_id, patient_id, status, scheduled_at)
-        VALUES ($1, $2, $3, $4, $5, $6)
-        ON CONFLICT (appointment_id) DO UPDATE SET appointment_id = v.appointment_id
-        RETURNING *, (xmax = 0) AS inserted
-        """,
-        uuid.uuid4(),
-        context.clinic_id,
-        appointment["id"],
-        appointment["patient_id"],
-        appointment["status"],
-        appointment["starts_at"],
-    )
-    assert visit is not None
     status = appointment["status"]
-    if visit["inserted"]:
+    visit = await store.visit_of(appointment)
+    if visit is None:
+        visit = {
+            "id": uuid.uuid4(),
+            "clinic_id": context.clinic_id,
+            "appointment_id": appointment["id"],
+            "patient_id": appointment["patient_id"],
+            "status": status,
+            "scheduled_at": appointment["starts_at"],
+        }
+        store.add_visit(visit)
         if status == "scheduled":
             await _emit_visit(
-                connection, context, "visit.scheduled", visit, appointment, patient
+                store, context, "visit.scheduled", visit, appointment, patient
             )
         return
 
@@ -145,38 +135,27 @@ async def sync_visit(
     }
     if not changed:
         return
-    assignments = ", ".join(
-        f"{column} = ${index + 2}" for index, column in enumerate(changed)
-    )
-    visit = await connection.fetchrow(
-        f"UPDATE visits SET {assignments}, updated_at = now() WHERE id = $1 RETURNING *",
-        visit["id"],
-        *changed.values(),
-    )
-    assert visit is not None
+    store.save_visit(visit, changed)
     if "status" in changed:
         kind = "visit.cancelled" if status == "cancelled" else "visit.scheduled"
     else:
         kind = "visit.updated"
-    await _emit_visit(connection, context, kind, visit, appointment, patient)
+    await _emit_visit(store, context, kind, visit, appointment, patient)
 
 
 async def _emit_visit(
-    connection: asyncpg.Connection,
+    store: Store,
     context: EventContext,
     kind: str,
-    visit: asyncpg.Record,
-    appointment: dict[str, Any],
-    known: dict[str, Any] | None,
+    visit: Row,
+    appointment: Row,
+    known: Row | None,
 ) -> None:
     patient = (
         known if known is not None and known["id"] == visit["patient_id"] else None
     )
     if patient is None and visit["patient_id"] is not None:
-        patient = await connection.fetchrow(
-            "SELECT external_id, client_id, external_client_id FROM patients WHERE id = $1",
-            visit["patient_id"],
-        )
+        patient = await store.patient_by_id(visit["patient_id"])
     context.emit(
         kind,
         {
@@ -194,6 +173,6 @@ async def _emit_visit(
             if visit["scheduled_at"]
             else None,
             "timezone": appointment["timezone"],
-            "externalStaffId": appointment.get("external_staff_id"),
+            "externalStaffId": appointment["external_staff_id"],
         },
     )

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import asyncpg
-
 from coggo.pipeline.context import EventContext, cleared
-from coggo.pipeline.records import lock_record, merge_fields, write_record
+from coggo.pipeline.records import merge_fields
+from coggo.pipeline.store import COLUMNS, Row, Store
 from coggo.schemas.partner import Client
 
-CLIENT_FIELDS = (
-    "first_name",
-    "last_name",
-    "email",
-    "phone",
-    "address_line1",
-    "address_line2",
-    "city",
-    "state_region",
-    "postal_code",
-)
+CLIENT_FIELDS = COLUMNS["clients"]
 
 
-async def upsert_client(
-    connection: asyncpg.Connection, context: EventContext, client: Client
-) -> asyncpg.Record:
-    row, created = await lock_record(
-        connection, "clients", context.clinic_id, client.external_id
-    )
+async def upsert_client(store: Store, context: EventContext, client: Client) -> Row:
+    row, created = await store.lock("clients", context.clinic_id, client.external_id)
     updates = {
         name: {name: cleared(getattr(client, name))}
         for name in CLIENT_FIELDS
@@ -34,7 +19,7 @@ async def upsert_client(
     }
     changed, versions = merge_fields(row, updates, context.stamp)
     if versions != row["versions"]:
-        await write_record(connection, "clients", row["id"], changed, versions)
+        store.save("clients", row, changed, versions)
     if created or changed:
         context.emit(
             "client.upserted",

@@ -15,8 +15,9 @@ import asyncpg
 from coggo.errors import PermanentMessageError
 from coggo.pipeline.context import EventContext, cleared
 from coggo.pipeline.normalize import birth_date_from_age, weight_in_kg
-from coggo.pipeline.records import lock_record, merge_fields, write_record
+from coggo.pipeline.records import merge_fields
 from coggo.pipeline.species import fold, resolve_species
+from coggo.pipeline.store import Row, Store
 from coggo.schemas.partner import Patient
 
 # Longest chain of merges followed; a longer one means a cycle or corrupt data.
@@ -38,70 +39,31 @@ PATIENT_FIELDS: dict[str, tuple[str, ...]] = {
 Updates = dict[str, dict[str, Any]]
 
 
-async def follow_merges(
-    connection: asyncpg.Connection, row: asyncpg.Record
-) -> asyncpg.Record:
+async def follow_merges(store: Store, row: Row) -> Row:
     """Return the surviving patient at the end of a chain of merges, locked."""
     seen = {row["id"]}
     while row["merged_into_id"] is not None:
-        row = await connection.fetchrow(
-            "SELECT * FROM patients WHERE id = $1 FOR UPDATE", row["merged_into_id"]
-        )
-        if row is None or row["id"] in seen or len(seen) > MAX_MERGE_CHAIN:
+        survivor = await store.patient_by_id(row["merged_into_id"])
+        if survivor is None or survivor["id"] in seen or len(seen) > MAX_MERGE_CHAIN:
             raise PermanentMessageError(
                 "merge_cycle", "the chain of patient merges loops or is too long"
             )
-        seen.add(row["id"])
+        seen.add(survivor["id"])
+        row = survivor
     return row
 
 
 async def _species_of(
-    connection: asyncpg.Connection, clinic_id: str, key: str | None, raw: str | None
+    store: Store, clinic_id: str, key: str | None, raw: str | None
 ) -> str | None:
     mapping: dict[str, str | None] = {}
     if key:
-        mapping[key] = await connection.fetchval(
-            "SELECT species FROM species_map WHERE clinic_id = $1 AND pims_key = $2",
-            clinic_id,
-            key,
-        )
+        mapping[key] = await store.species_for(clinic_id, key)
     return resolve_species(key, raw, mapping)
 
 
-async def _remember_name(
-    connection: asyncpg.Connection,
-    clinic_id: str,
-    *,
-    breed: str | None = None,
-    color: str | None = None,
-    species: str | None = None,
-) -> None:
-    """Add a breed or color to the clinic's list once, compared after folding."""
-    if breed:
-        await connection.execute(
-            """
-            INSERT INTO breeds (clinic_id, species, name, folded) VALUES ($1, $2, $3, $4)
-            ON CONFLICT DO NOTHING
-            """,
-            clinic_id,
-            species or "",
-            " ".join(breed.split()),
-            fold(breed),
-        )
-    if color:
-        await connection.execute(
-            """
-            INSERT INTO colors (clinic_id, name, folded) VALUES ($1, $2, $3)
-            ON CONFLICT DO NOTHING
-            """,
-            clinic_id,
-            " ".join(color.split()),
-            fold(color),
-        )
-
-
 def _patient_updates(
-    patient: Patient, context: EventContext, owner: asyncpg.Record | None
+    patient: Patient, context: EventContext, owner: Row | None
 ) -> Updates:
     present = patient.model_fields_set
     updates: Updates = {"name": {"name": patient.name.strip()}}
@@ -149,9 +111,9 @@ def _patient_updates(
 
 
 async def _apply_updates(
-    connection: asyncpg.Connection,
+    store: Store,
     context: EventContext,
-    target: asyncpg.Record,
+    target: Row,
     stamped: list[tuple[str, Updates]],
     *,
     created: bool,
@@ -166,7 +128,7 @@ async def _apply_updates(
     if created or "species_key" in changed or "species_raw" in changed:
         key = changed.get("species_key", target["species_key"])
         raw = changed.get("species_raw", target["species_raw"])
-        species = await _species_of(connection, context.clinic_id, key, raw)
+        species = await _species_of(store, context.clinic_id, key, raw)
         for column, value in (
             ("species", species),
             ("species_resolved", species is not None),
@@ -177,14 +139,12 @@ async def _apply_updates(
         column: value for column, value in changed.items() if target[column] != value
     }
     if versions != target["versions"]:
-        await write_record(connection, "patients", target["id"], changed, versions)
+        store.save("patients", target, changed, versions)
     return changed
 
 
-def _emit_patient(
-    context: EventContext, row: asyncpg.Record, changed: dict[str, Any]
-) -> None:
-    merged = {**dict(row), **changed}
+def _emit_patient(context: EventContext, row: Row) -> None:
+    merged = row
     context.emit(
         "patient.upserted",
         {
@@ -199,82 +159,66 @@ def _emit_patient(
 
 
 async def upsert_patient(
-    connection: asyncpg.Connection,
-    context: EventContext,
-    patient: Patient,
-    owner: asyncpg.Record | None,
-) -> dict[str, Any]:
-    """Upsert a patient; return, as stored now, the row appointments link to.
+    store: Store, context: EventContext, patient: Patient, owner: Row | None
+) -> Row:
+    """Upsert a patient; return the row appointments link to.
 
     That row is the patient itself, or the survivor when it was merged away.
     """
     if patient.external_client_id and (
         owner is None or owner["external_id"] != patient.external_client_id
     ):
-        owner, _ = await lock_record(
-            connection, "clients", context.clinic_id, patient.external_client_id
+        owner, _ = await store.lock(
+            "clients", context.clinic_id, patient.external_client_id
         )
-    row, created = await lock_record(
-        connection, "patients", context.clinic_id, patient.external_id
-    )
+    row, created = await store.lock("patients", context.clinic_id, patient.external_id)
     updates = _patient_updates(patient, context, owner)
+    merge_stamp = (row["versions"] or {}).get("merged_into", "")
 
     changed = await _apply_updates(
-        connection, context, row, [(context.stamp, updates)], created=created
+        store, context, row, [(context.stamp, updates)], created=created
     )
-    current = {**dict(row), **changed}
+    linked = row
     if row["merged_into_id"] is not None:
-        survivor = await follow_merges(connection, row)
-        current = dict(survivor)
-        if context.stamp > (row["versions"] or {}).get("merged_into", ""):
+        linked = await follow_merges(store, row)
+        if context.stamp > merge_stamp:
             survivor_changed = await _apply_updates(
-                connection, context, survivor, [(context.stamp, updates)], created=False
+                store, context, linked, [(context.stamp, updates)], created=False
             )
             if survivor_changed:
-                _emit_patient(context, survivor, survivor_changed)
-            current.update(survivor_changed)
+                _emit_patient(context, linked)
     elif changed or created:
-        _emit_patient(context, row, changed)
+        _emit_patient(context, row)
 
     # Every breed and color a PIMS sends joins the clinic's lists, whether or
     # not this event is the newest for the patient, so the lists do not depend
     # on the order of delivery. Breeds are listed under the species the same
     # payload names.
-    if updates.get("breed") or updates.get("color"):
+    breed = (updates.get("breed") or {}).get("breed")
+    if breed:
         species = None
         if "species" in updates:
             names = updates["species"]
             species = await _species_of(
-                connection,
-                context.clinic_id,
-                names["species_key"],
-                names["species_raw"],
+                store, context.clinic_id, names["species_key"], names["species_raw"]
             )
-        await _remember_name(
-            connection,
-            context.clinic_id,
-            breed=(updates.get("breed") or {}).get("breed"),
-            color=(updates.get("color") or {}).get("color"),
-            species=species,
-        )
-    return current
+        store.remember_breed(context.clinic_id, species or "", breed, fold(breed))
+    color = (updates.get("color") or {}).get("color")
+    if color:
+        store.remember_color(context.clinic_id, color, fold(color))
+    return linked
 
 
 async def merge_patients(
-    connection: asyncpg.Connection,
+    store: Store,
     context: EventContext,
     merged_external_id: str,
     survivor_external_id: str,
 ) -> None:
     """Merge one patient into another; appointments, visits and later data follow."""
-    # Lock both rows in a fixed order so concurrent merges cannot deadlock.
-    rows = {}
-    for external_id in sorted((merged_external_id, survivor_external_id)):
-        rows[external_id], _ = await lock_record(
-            connection, "patients", context.clinic_id, external_id
-        )
-    merged = rows[merged_external_id]
-    survivor = await follow_merges(connection, rows[survivor_external_id])
+    merged, _ = await store.lock("patients", context.clinic_id, merged_external_id)
+    named, _ = await store.lock("patients", context.clinic_id, survivor_external_id)
+    survivor = await follow_merges(store, named)
     if survivor["id"] == merged["id"]:
         raise PermanentMessageError(
             "merge_cycle",
@@ -285,7 +229,7 @@ async def merge_patients(
         merged, {"merged_into": {"merged_into_id": survivor["id"]}}, context.stamp
     )
     if versions != merged["versions"]:
-        await write_record(connection, "patients", merged["id"], changed, versions)
+        store.save("patients", merged, changed, versions)
     if not changed:
         return
 
@@ -295,30 +239,10 @@ async def merge_patients(
         for field, stamp in sorted(versions.items(), key=lambda item: item[1])
         if field in PATIENT_FIELDS and stamp > context.stamp
     ]
-    if newer:
-        survivor_changed = await _apply_updates(
-            connection, context, survivor, newer, created=False
-        )
-        if survivor_changed:
-            _emit_patient(context, survivor, survivor_changed)
+    if newer and await _apply_updates(store, context, survivor, newer, created=False):
+        _emit_patient(context, survivor)
 
-    # Earlier merges into the merged-away patient now point at the survivor too.
-    await connection.execute(
-        "UPDATE patients SET merged_into_id = $2 WHERE merged_into_id = $1 AND id <> $2",
-        merged["id"],
-        survivor["id"],
-    )
-    moved = await connection.fetch(
-        "UPDATE appointments SET patient_id = $2, updated_at = now() "
-        "WHERE patient_id = $1 RETURNING id",
-        merged["id"],
-        survivor["id"],
-    )
-    await connection.execute(
-        "UPDATE visits SET patient_id = $2, updated_at = now() WHERE patient_id = $1",
-        merged["id"],
-        survivor["id"],
-    )
+    moved = await store.move_patient_references(merged["id"], survivor["id"])
     context.emit(
         "patient.merged",
         {
@@ -326,7 +250,7 @@ async def merge_patients(
             "externalPatientId": merged_external_id,
             "mergedIntoPatientId": str(survivor["id"]),
             "mergedIntoExternalPatientId": survivor["external_id"],
-            "appointmentsMoved": len(moved),
+            "appointmentsMoved": moved,
         },
     )
 
