@@ -24,6 +24,7 @@ from coggo.schemas.partner import (
     parse_event_data,
 )
 from coggo.topology import Topology
+from coggo.validation import describe_validation_error
 from pydantic import ValidationError
 
 # One statement, so one round trip: the event row (the idempotency key) and its
@@ -72,32 +73,6 @@ def decode_body(body: bytes) -> dict[str, Any]:
             f"body must be a JSON object, not a JSON {type(parsed).__name__}"
         )
     return parsed
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        path += (
-            f"[{part}]"
-            if isinstance(part, int)
-            else (f".{part}" if path else str(part))
-        )
-    return path
-
-
-def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """Name the first invalid field and what is wrong with it; input values are left out."""
-    errors = exc.errors(include_url=False, include_input=False)
-    first = errors[0]
-    loc = tuple(part for part in first["loc"] if part not in ("function-after",))
-    path = _location(loc)
-    if prefix:
-        path = f"{prefix}.{path}" if path else prefix
-    message = first["msg"]
-    if first["type"] == "missing":
-        message = "field required"
-    more = f" ({len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return f"{path or 'body'}: {message}{more}"
 
 
 def validate_event(payload: dict[str, Any]) -> WebhookEvent:

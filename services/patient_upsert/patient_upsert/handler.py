@@ -25,6 +25,7 @@ from coggo.pipeline.upsert import EventContext, PendingEvent, apply_events
 from coggo.schemas.bus import WebhookMessage
 from coggo.schemas.partner import EventType, MissingPatient, parse_event_data
 from coggo.topology import Topology
+from coggo.validation import describe_validation_error
 from pydantic import ValidationError
 
 log = structlog.get_logger(__name__)
@@ -50,7 +51,12 @@ def parse_message(body: dict[str, Any]) -> tuple[WebhookMessage, EventType, Any]
         event_type = EventType(webhook.type)
         data = parse_event_data(event_type, webhook.data)
     except (ValidationError, MissingPatient, ValueError) as exc:
-        raise PermanentMessageError("invalid_message", _summary(exc)) from None
+        detail = (
+            describe_validation_error(exc)
+            if isinstance(exc, ValidationError)
+            else str(exc)
+        )
+        raise PermanentMessageError("invalid_message", detail) from None
     return webhook, event_type, data
 
 
@@ -100,7 +106,9 @@ class WebhookHandler:
                     if remaining <= 0:
                         break
                     try:
-                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                        batch.append(
+                            await asyncio.wait_for(self._queue.get(), remaining)
+                        )
                     except TimeoutError:
                         break
                     continue
@@ -202,11 +210,3 @@ def _fail(batch: list[Delivery], exc: BaseException) -> None:
     for delivery in batch:
         if not delivery.done.done():
             delivery.done.set_exception(exc)
-
-
-def _summary(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        first = exc.errors(include_url=False, include_input=False)[0]
-        path = ".".join(str(part) for part in first["loc"])
-        return f"{path}: {first['msg']}"
-    return str(exc)

@@ -14,6 +14,7 @@ from aiohttp import web
 from coggo.logs import configure_logging
 from coggo.service import run_service
 from coggo.settings import Settings
+from coggo.validation import describe_validation_error
 from pydantic import ValidationError
 
 from pims_sim.app import build_app
@@ -21,7 +22,6 @@ from pims_sim.clinic import EXAMPLE_EVENT_ID
 from pims_sim.faults import FaultSpec, parse_fault_option
 from pims_sim.sender import DEFAULT_TIMEOUT_SECONDS, build_events, send_events
 from pims_sim.state import SimConfig, SimState
-from pims_sim.validation import describe_validation_error
 
 log = structlog.get_logger(__name__)
 

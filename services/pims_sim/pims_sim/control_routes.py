@@ -5,11 +5,12 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 from coggo.errors import ValidationFailed
+from coggo.validation import describe_validation_error
 from pydantic import ValidationError
 
 from pims_sim.faults import ENDPOINTS, FaultSpec
 from pims_sim.http_common import STATE_KEY, InvalidParameter, json_response, read_body
-from pims_sim.validation import decode_json_object, describe_validation_error
+from pims_sim.validation import decode_json_object
 
 log = structlog.get_logger(__name__)
 

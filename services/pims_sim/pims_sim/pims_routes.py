@@ -16,6 +16,7 @@ from coggo.signing import (
     SignatureHeaders,
     verify_request,
 )
+from coggo.validation import describe_validation_error
 from pydantic import ValidationError
 
 from pims_sim.clinic import MAX_DAYS_AHEAD
@@ -25,7 +26,7 @@ from pims_sim.http_common import (
     json_response,
     read_body,
 )
-from pims_sim.validation import decode_json_object, describe_validation_error
+from pims_sim.validation import decode_json_object
 
 log = structlog.get_logger(__name__)
 
