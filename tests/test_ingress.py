@@ -653,7 +653,9 @@ async def test_health_and_readiness(ingress: HttpClient) -> None:
     assert ready.body["checks"] == {"database": True, "broker": True}
 
 
-async def test_merge_into_itself_is_400_naming_field(env: Env, ingress: HttpClient) -> None:
+async def test_merge_into_itself_is_400_naming_field(
+    env: Env, ingress: HttpClient
+) -> None:
     created = await env.create_integration()
     event = {
         "id": "evt_merge",

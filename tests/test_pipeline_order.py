@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import pytest
+from coggo.db import create_pool
+from coggo.pipeline.upsert import EventContext, apply_event
+from coggo.schemas.partner import EventType, WebhookEvent, parse_event_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coggo.pipeline.upsert import EventContext, apply_event
-from coggo.schemas.partner import EventType, WebhookEvent, parse_event_data
 from tests.support.pipeline import apply, snapshot
 from tests.support.stack import Env
 
@@ -36,7 +38,10 @@ patient_fields = st.fixed_dictionaries(
         "weightKg": st.sampled_from([3.0, 7.25]) | st.none(),
         "dateOfBirth": st.sampled_from(["2020-01-01", "2021-05-05"]) | st.none(),
         "age": st.fixed_dictionaries(
-            {"value": st.sampled_from([2, 6]), "unit": st.sampled_from(["years", "months"])}
+            {
+                "value": st.sampled_from([2, 6]),
+                "unit": st.sampled_from(["years", "months"]),
+            }
         ),
         "sex": st.sampled_from(["male", "female"]) | OPTIONAL,
         "externalClientId": st.sampled_from(CLIENTS),
@@ -60,8 +65,13 @@ def events(draw: st.DrawFn) -> list[dict[str, Any]]:
     for index in range(count):
         kind = draw(
             st.sampled_from(
-                ["appointment.created", "appointment.updated", "appointment.cancelled",
-                 "client.updated", "patient.updated"]
+                [
+                    "appointment.created",
+                    "appointment.updated",
+                    "appointment.cancelled",
+                    "client.updated",
+                    "patient.updated",
+                ]
             )
         )
         event: dict[str, Any] = {
@@ -70,10 +80,15 @@ def events(draw: st.DrawFn) -> list[dict[str, Any]]:
             "occurredAt": draw(st.sampled_from(TIMES)),
         }
         client = {"externalId": draw(st.sampled_from(CLIENTS)), **draw(client_fields)}
-        patient = {"externalId": draw(st.sampled_from(PATIENTS)), **draw(patient_fields)}
+        patient = {
+            "externalId": draw(st.sampled_from(PATIENTS)),
+            **draw(patient_fields),
+        }
         appointment: dict[str, Any] = {
             "externalId": draw(st.sampled_from(APPOINTMENTS)),
-            "startsAt": draw(st.sampled_from(["2026-06-20T09:00:00", "2026-06-21T15:30:00"])),
+            "startsAt": draw(
+                st.sampled_from(["2026-06-20T09:00:00", "2026-06-21T15:30:00"])
+            ),
         }
         if draw(st.booleans()):
             appointment["timezone"] = "America/New_York"
@@ -81,7 +96,11 @@ def events(draw: st.DrawFn) -> list[dict[str, Any]]:
         if status is not None:
             appointment["status"] = status
         if kind in ("appointment.created", "appointment.updated"):
-            event["data"] = {"appointment": appointment, "client": client, "patient": patient}
+            event["data"] = {
+                "appointment": appointment,
+                "client": client,
+                "patient": patient,
+            }
         elif kind == "appointment.cancelled":
             event["data"] = {"appointment": {"externalId": appointment["externalId"]}}
         elif kind == "client.updated":
@@ -100,7 +119,10 @@ def events(draw: st.DrawFn) -> list[dict[str, Any]]:
                     "id": f"evt_merge_{index}",
                     "type": "patient.merged",
                     "occurredAt": draw(st.sampled_from(TIMES)),
-                    "data": {"patient": {"externalId": merged}, "mergedIntoExternalId": "pat_1"},
+                    "data": {
+                        "patient": {"externalId": merged},
+                        "mergedIntoExternalId": "pat_1",
+                    },
                 }
             )
     return found
@@ -112,22 +134,40 @@ async def _reset(pool: asyncpg.Pool) -> None:
     )
 
 
-async def _apply_all(pool: asyncpg.Pool, delivered: list[dict[str, Any]]) -> dict[str, Any]:
+async def _apply_all(
+    pool: asyncpg.Pool, delivered: list[dict[str, Any]]
+) -> dict[str, Any]:
     await _reset(pool)
     for event in delivered:
         await apply(pool, event, timezone="Europe/Berlin")
     return await snapshot(pool)
 
 
+@pytest.fixture(scope="module")
+def private_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop of the property test's own: each example runs to completion on it."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
 @pytest.fixture
-async def mapped_env(env: Env) -> Env:
-    await env.pool.execute(
-        """
-        INSERT INTO species_map (clinic_id, pims_key, label, species)
-        VALUES ('clinic-1', '1', 'Canine', 'canine'), ('clinic-1', '2', 'Feline', 'feline')
-        """
-    )
-    return env
+def mapped_pool(
+    private_loop: asyncio.AbstractEventLoop, database_url: str
+) -> Iterator[asyncpg.Pool]:
+    async def open_pool() -> asyncpg.Pool:
+        pool = await create_pool(database_url, size=2)
+        await pool.execute(
+            """
+            INSERT INTO species_map (clinic_id, pims_key, label, species)
+            VALUES ('clinic-1', '1', 'Canine', 'canine'), ('clinic-1', '2', 'Feline', 'feline')
+            """
+        )
+        return pool
+
+    pool = private_loop.run_until_complete(open_pool())
+    yield pool
+    private_loop.run_until_complete(pool.close())
 
 
 @settings(
@@ -136,19 +176,23 @@ async def mapped_env(env: Env) -> Env:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(batch=events(), data=st.data())
-async def test_any_delivery_order_gives_same_state(
-    mapped_env: Env, batch: list[dict[str, Any]], data: st.DataObject
+def test_any_delivery_order_gives_same_state(
+    private_loop: asyncio.AbstractEventLoop,
+    mapped_pool: asyncpg.Pool,
+    batch: list[dict[str, Any]],
+    data: st.DataObject,
 ) -> None:
-    in_time_order = sorted(batch, key=lambda event: (event["occurredAt"], event["id"]))
-    expected = await _apply_all(mapped_env.pool, in_time_order)
-
     shuffled = data.draw(st.permutations(batch), label="order")
     repeats = data.draw(st.lists(st.sampled_from(batch), max_size=4), label="repeats")
     delivered = list(shuffled)
     for event in repeats:
         position = data.draw(st.integers(min_value=0, max_value=len(delivered)))
         delivered.insert(position, event)
-    assert await _apply_all(mapped_env.pool, delivered) == expected
+
+    in_time_order = sorted(batch, key=lambda event: (event["occurredAt"], event["id"]))
+    expected = private_loop.run_until_complete(_apply_all(mapped_pool, in_time_order))
+    actual = private_loop.run_until_complete(_apply_all(mapped_pool, delivered))
+    assert actual == expected
 
 
 async def test_two_consumers_interleaved_reach_same_state(env: Env) -> None:
@@ -159,9 +203,19 @@ async def test_two_consumers_interleaved_reach_same_state(env: Env) -> None:
             "type": "patient.updated" if index % 3 else "appointment.updated",
             "occurredAt": TIMES[index % len(TIMES)],
             "data": {
-                "appointment": {"externalId": "apt_1", "startsAt": f"2026-06-2{index % 9}T09:00:00"},
-                "client": {"externalId": CLIENTS[index % 2], "email": f"o{index}@example.com"},
-                "patient": {"externalId": "pat_1", "name": f"Name {index}", "weightKg": 1.0 + index},
+                "appointment": {
+                    "externalId": "apt_1",
+                    "startsAt": f"2026-06-2{index % 9}T09:00:00",
+                },
+                "client": {
+                    "externalId": CLIENTS[index % 2],
+                    "email": f"o{index}@example.com",
+                },
+                "patient": {
+                    "externalId": "pat_1",
+                    "name": f"Name {index}",
+                    "weightKg": 1.0 + index,
+                },
             },
         }
         for index in range(24)
@@ -169,7 +223,9 @@ async def test_two_consumers_interleaved_reach_same_state(env: Env) -> None:
     for event in batch:
         if event["type"] == "patient.updated":
             del event["data"]["appointment"]
-    expected = await _apply_all(env.pool, sorted(batch, key=lambda e: (e["occurredAt"], e["id"])))
+    expected = await _apply_all(
+        env.pool, sorted(batch, key=lambda e: (e["occurredAt"], e["id"]))
+    )
 
     await _reset(env.pool)
 
@@ -179,9 +235,16 @@ async def test_two_consumers_interleaved_reach_same_state(env: Env) -> None:
             data = parse_event_data(EventType(parsed.type), parsed.data)
             for attempt in range(5):
                 try:
-                    async with env.pool.acquire() as connection, connection.transaction():
-                        context = EventContext("clinic-1", parsed.id, parsed.occurred_at, "Europe/Berlin")
-                        await apply_event(connection, context, EventType(parsed.type), data)
+                    async with (
+                        env.pool.acquire() as connection,
+                        connection.transaction(),
+                    ):
+                        context = EventContext(
+                            "clinic-1", parsed.id, parsed.occurred_at, "Europe/Berlin"
+                        )
+                        await apply_event(
+                            connection, context, EventType(parsed.type), data
+                        )
                     break
                 except (asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError):
                     if attempt == 4:

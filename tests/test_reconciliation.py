@@ -136,7 +136,7 @@ async def test_reconcile_skips_invalid_items_and_processes_rest(
 ) -> None:
     sim: Pims = await pims_factory(seed=3, appointments=10)
 
-    def add_invalid(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def add_invalid(items: list[dict[str, Any]]) -> list[Any]:
         no_start = copy.deepcopy(items[1])
         no_start["appointment"]["externalId"] = "apt_no_start"
         del no_start["appointment"]["startsAt"]
@@ -235,7 +235,7 @@ async def test_reconcile_sends_stored_credentials(
     bus = await open_bus(env, amqp)
 
     without = await bus.send("reconcile.appointments", {"days": 30})
-    refused = (await bus.event_for("reconcile.completed", without))["data"]
+    unauthorized = (await bus.event_for("reconcile.completed", without))["data"]
     async with env.pool.acquire() as connection:
         await store_pims_credentials(
             connection,
@@ -246,8 +246,8 @@ async def test_reconcile_sends_stored_credentials(
     with_token = await bus.send("reconcile.appointments", {"days": 30})
     accepted = (await bus.event_for("reconcile.completed", with_token))["data"]
 
-    assert refused["status"] == "failed"
-    assert refused["error"] == "pims_unauthorized"
+    assert unauthorized["status"] == "failed"
+    assert unauthorized["error"] == "pims_unauthorized"
     assert accepted["status"] == "succeeded"
     assert accepted["processed"] == 4
 

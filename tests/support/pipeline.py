@@ -14,7 +14,11 @@ CLINIC = "clinic-1"
 
 
 async def apply(
-    pool: asyncpg.Pool, event: dict[str, Any], *, timezone: str = "UTC", clinic: str = CLINIC
+    pool: asyncpg.Pool,
+    event: dict[str, Any],
+    *,
+    timezone: str = "UTC",
+    clinic: str = CLINIC,
 ) -> list[DomainEvent]:
     """Validate one webhook event as the ingress does and apply it in one transaction."""
     parsed = WebhookEvent.model_validate(event)
@@ -27,20 +31,32 @@ async def apply(
 async def snapshot(pool: asyncpg.Pool) -> dict[str, Any]:
     """The whole stored state, with Coggo's random ids replaced by external ids."""
     clients = {
-        row["external_id"]: {k: v for k, v in row.items() if k not in ("id", "created_at", "updated_at")}
+        row["external_id"]: {
+            k: v for k, v in row.items() if k not in ("id", "created_at", "updated_at")
+        }
         for row in await pool.fetch("SELECT * FROM clients")
     }
-    patient_ids = {row["id"]: row["external_id"] for row in await pool.fetch("SELECT id, external_id FROM patients")}
-    client_ids = {row["id"]: row["external_id"] for row in await pool.fetch("SELECT id, external_id FROM clients")}
+    patient_ids = {
+        row["id"]: row["external_id"]
+        for row in await pool.fetch("SELECT id, external_id FROM patients")
+    }
+    client_ids = {
+        row["id"]: row["external_id"]
+        for row in await pool.fetch("SELECT id, external_id FROM clients")
+    }
     patients = {}
     for row in await pool.fetch("SELECT * FROM patients"):
-        values = {k: v for k, v in row.items() if k not in ("id", "created_at", "updated_at")}
+        values = {
+            k: v for k, v in row.items() if k not in ("id", "created_at", "updated_at")
+        }
         values["client_id"] = client_ids.get(row["client_id"])
         values["merged_into_id"] = patient_ids.get(row["merged_into_id"])
         patients[row["external_id"]] = values
     appointments = {}
     for row in await pool.fetch("SELECT * FROM appointments"):
-        values = {k: v for k, v in row.items() if k not in ("id", "created_at", "updated_at")}
+        values = {
+            k: v for k, v in row.items() if k not in ("id", "created_at", "updated_at")
+        }
         values["patient_id"] = patient_ids.get(row["patient_id"])
         appointments[row["external_id"]] = values
     visits = {}
@@ -52,8 +68,13 @@ async def snapshot(pool: asyncpg.Pool) -> dict[str, Any]:
             "scheduled_at": row["scheduled_at"],
             "patient": patient_ids.get(row["patient_id"]),
         }
-    breeds = sorted(tuple(row) for row in await pool.fetch("SELECT clinic_id, species, folded FROM breeds"))
-    colors = sorted(tuple(row) for row in await pool.fetch("SELECT clinic_id, folded FROM colors"))
+    breeds = sorted(
+        tuple(row)
+        for row in await pool.fetch("SELECT clinic_id, species, folded FROM breeds")
+    )
+    colors = sorted(
+        tuple(row) for row in await pool.fetch("SELECT clinic_id, folded FROM colors")
+    )
     return {
         "clients": clients,
         "patients": patients,
@@ -66,7 +87,9 @@ async def snapshot(pool: asyncpg.Pool) -> dict[str, Any]:
 
 async def row(pool: asyncpg.Pool, table: str, external_id: str) -> asyncpg.Record:
     assert table in ("clients", "patients", "appointments")
-    found = await pool.fetchrow(f"SELECT * FROM {table} WHERE external_id = $1", external_id)
+    found = await pool.fetchrow(
+        f"SELECT * FROM {table} WHERE external_id = $1", external_id
+    )
     assert found is not None, f"no {table} row for {external_id}"
     return found
 

@@ -87,13 +87,13 @@ async def reconciliation(env: Env) -> AsyncIterator[RunningService]:
 
 
 def replace_appointments(
-    state: SimState, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+    state: SimState, change: Callable[[list[dict[str, Any]]], list[Any]]
 ) -> None:
     """Make GET /appointments return `change(list)` instead of the clinic's list."""
     clinic = state.clinic
     original = clinic.upcoming_appointments
 
-    def upcoming(days: int, now: datetime) -> list[dict[str, Any]]:
+    def upcoming(days: int, now: datetime) -> list[Any]:
         return change(original(days, now))
 
     clinic.upcoming_appointments = upcoming  # type: ignore[method-assign]
@@ -101,7 +101,7 @@ def replace_appointments(
 
 def replace_search(state: SimState, results: list[Any]) -> None:
     """Make GET /patients return `results` for every query."""
-    state.clinic.search_patients = lambda query, limit=20: results  # type: ignore[method-assign,misc]
+    state.clinic.search_patients = lambda query, limit=20: results  # type: ignore[method-assign]
 
 
 def set_species_catalog(state: SimState, species: list[dict[str, Any]]) -> None:

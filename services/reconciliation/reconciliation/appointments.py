@@ -5,9 +5,9 @@ transaction. The event id is `reconcile:<run id>:<appointment externalId>` and
 its occurredAt is the time the list was fetched, so a webhook that happened
 later still wins, and an older one arriving afterwards does not undo the
 reconciliation. An appointment with `status: cancelled` is applied as
-`appointment.cancelled`; any other as `appointment.updated`, which schedules a
-new appointment but does not bring back a cancelled one unless the PIMS sends
-`status: scheduled`.
+`appointment.cancelled`. Any other is applied as `appointment.updated`, which
+schedules a new appointment. It brings back a cancelled one only when the PIMS
+sends `status: scheduled`.
 """
 
 from __future__ import annotations
@@ -62,6 +62,13 @@ FETCH_TIMEOUT_SECONDS = 15.0
 FETCH_RETRY = RetryPolicy(attempts=4, initial_wait=0.5, max_wait=8.0, jitter=0.5)
 # Attempts per appointment when the database reports a transient fault.
 ITEM_ATTEMPTS = 3
+JSON_TYPE_NAMES: dict[type, str] = {
+    bool: "a boolean",
+    str: "a string",
+    float: "a fraction",
+    list: "an array",
+    dict: "an object",
+}
 
 
 @dataclass
@@ -97,10 +104,10 @@ def parse_days(data: dict[str, Any]) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
+        kind = JSON_TYPE_NAMES.get(type(value), type(value).__name__)
         raise CommandError(
             "invalid_days",
-            f"data.days must be an integer from {MIN_DAYS} to {MAX_DAYS}; "
-            f"got a JSON {type(value).__name__}",
+            f"data.days must be an integer from {MIN_DAYS} to {MAX_DAYS}; got {kind}",
         )
     if not MIN_DAYS <= value <= MAX_DAYS:
         raise CommandError(
@@ -164,7 +171,7 @@ def _appointment_list(body: Any) -> list[Any]:
     if not isinstance(body, dict) or not isinstance(body.get("appointments"), list):
         raise CommandError(
             "invalid_response",
-            "the PIMS answered GET /appointments without an `appointments` array",
+            "the PIMS response to GET /appointments has no `appointments` array",
         )
     items: list[Any] = body["appointments"]
     return items

@@ -7,7 +7,7 @@ class CommandError(Exception):
     """A command that failed for a reason the requester should see.
 
     `code` is a stable snake_case token such as `pims_timeout` or
-    `integration_paused`; `detail` is one sentence for a person, naming the
+    `integration_paused`. `detail` is one sentence for a person that names the
     value at fault and what to do. Neither carries client data or secrets.
     """
 

@@ -1,10 +1,10 @@
 """`patients.import`: store a patient found by a PIMS search, with its owner.
 
-The patient goes through the webhook pipeline as one event with id
-`import:<command id>` and the command's occurredAt: the owner is upserted
-first, then the patient, and `client.upserted` and `patient.upserted` are
-written to the outbox in the same transaction. A command is applied once,
-however often it is delivered.
+The patient goes through the webhook pipeline as a `patient.updated` event
+with the owner as its client, id `import:<command id>` and the command's
+occurredAt. The pipeline upserts the owner first, then the patient, and
+`client.upserted` and `patient.upserted` are written to the outbox in the same
+transaction. A command is applied once, however often it is delivered.
 
 With `reply_to` set, a `patients.import.result` reply carries the stored ids
 or the error. Without it, a command that cannot be applied (invalid patient,
@@ -20,8 +20,9 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from coggo.errors import PermanentMessageError
 from coggo.outbox import enqueue_events
-from coggo.pipeline.upsert import EventContext, upsert_client, upsert_patient
+from coggo.pipeline.upsert import EventContext, apply_event
 from coggo.schemas.bus import PatientsImportData
+from coggo.schemas.partner import EventType, parse_event_data
 from pydantic import ValidationError
 
 from reconciliation import metrics
@@ -68,16 +69,23 @@ async def import_patient(worker: Worker, command: Command) -> dict[str, Any]:
     """Apply the import; return the reply data with the stored ids."""
     try:
         patient = PatientsImportData.model_validate(command.data).patient
+        # The owner is authoritative for a PatientWithOwner.
+        patient = patient.model_copy(
+            update={"external_client_id": patient.owner.external_id}
+        )
+        data = parse_event_data(
+            EventType.PATIENT_UPDATED,
+            {
+                "patient": patient.wire(exclude={"owner"}),
+                "client": patient.owner.wire(),
+            },
+        )
     except ValidationError as exc:
         raise CommandError(
             "invalid_patient",
             f"data.{describe_validation_error(exc)}; send a PatientWithOwner "
             "as data.patient",
         ) from None
-    # The owner is authoritative for a PatientWithOwner.
-    patient = patient.model_copy(
-        update={"external_client_id": patient.owner.external_id}
-    )
 
     async with worker.pool.acquire() as connection:
         integration = await load_active(connection, command.clinic_id)
@@ -98,11 +106,12 @@ async def import_patient(worker: Worker, command: Command) -> dict[str, Any]:
                     default_timezone=integration["default_timezone"] or "UTC",
                 )
                 try:
-                    owner = await upsert_client(connection, context, patient.owner)
-                    await upsert_patient(connection, context, patient, owner)
+                    events = await apply_event(
+                        connection, context, EventType.PATIENT_UPDATED, data
+                    )
                 except PermanentMessageError as exc:
                     raise CommandError(exc.reason, exc.detail) from None
-                await enqueue_events(connection, worker.topology.events, context.events)
+                await enqueue_events(connection, worker.topology.events, events)
         if first:
             worker.relay.notify()
         return await _stored_ids(connection, command, patient.external_id)

@@ -20,12 +20,12 @@ from reconciliation.errors import CommandError
 
 @dataclass(frozen=True)
 class PimsTarget:
-    """Where and how to call one clinic's PIMS."""
+    """Base URL, default timezone and credential headers of one clinic's PIMS."""
 
     clinic_id: str
     base_url: str
     default_timezone: str
-    # Left out of repr, so that logging a target cannot leak the credentials.
+    # repr=False keeps the credentials out of logged or printed targets.
     credential_headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     def url(self, path: str) -> str:
@@ -71,7 +71,7 @@ async def load_active(
             "with `coggo-admin integration resume`",
         )
     if not row["plan_enabled"]:
-        # The Partner API answers 402 integration_paused in this case too.
+        # The Partner API returns 402 integration_paused in this case too.
         raise CommandError(
             "integration_paused",
             f"the plan of clinic {clinic_id!r} no longer includes the Partner API",

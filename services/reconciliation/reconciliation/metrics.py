@@ -16,7 +16,7 @@ ITEMS = Counter(
 )
 SEARCHES = Counter(
     "coggo_patient_searches_total",
-    "Patient searches answered, by result (ok or the error code)",
+    "Patient search replies, by result (ok or the error code)",
     ["result"],
 )
 SEARCH_SECONDS = Histogram(

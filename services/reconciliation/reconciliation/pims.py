@@ -2,8 +2,8 @@
 
 Every call goes through coggo.outbound.OutboundClient, so it has a timeout,
 follows no redirect, reads a capped body and refuses internal addresses unless
-private targets are allowed. Failures become a CommandError whose code says
-what went wrong: `pims_timeout`, `pims_unavailable` (connection failed, 5xx or
+private targets are allowed. Failures become a CommandError whose code names
+the failure: `pims_timeout`, `pims_unavailable` (connection failed, 5xx or
 429), `pims_unauthorized` (401 or 403), `pims_error` (any other non-2xx),
 `invalid_response` (not JSON), `response_too_large` or `target_blocked`.
 """
@@ -69,22 +69,25 @@ def _check_status(path: str, status: int, retry_after: str | None) -> None:
     if status >= 500 or status == 429:
         raise TransientPimsError(
             "pims_unavailable",
-            f"the PIMS answered {status} to GET {path}",
+            f"the PIMS returned {status} for GET {path}; retry later",
             retry_after=_retry_after_seconds(retry_after),
         )
     if status in (401, 403):
         raise CommandError(
             "pims_unauthorized",
-            f"the PIMS answered {status} to GET {path}: check the PIMS "
+            f"the PIMS returned {status} for GET {path}: check the PIMS "
             "credentials registered for this clinic",
         )
     if 300 <= status < 400:
         raise CommandError(
             "pims_error",
-            f"the PIMS answered {status} to GET {path}; redirects are not "
+            f"the PIMS returned {status} for GET {path}, and redirects are not "
             "followed, so register the final base URL",
         )
-    raise CommandError("pims_error", f"the PIMS answered {status} to GET {path}")
+    raise CommandError(
+        "pims_error",
+        f"the PIMS returned {status} for GET {path}: check the PIMS base URL",
+    )
 
 
 class PimsClient:
@@ -158,7 +161,7 @@ class PimsClient:
             elapsed = time.monotonic() - started
             raise TransientPimsError(
                 "pims_timeout",
-                f"the PIMS did not answer GET {path} within {elapsed:.1f} s",
+                f"GET {path} to the PIMS timed out after {elapsed:.1f} s",
             ) from None
         except aiohttp.ClientError as exc:
             raise TransientPimsError(
@@ -172,7 +175,7 @@ class PimsClient:
         except orjson.JSONDecodeError:
             raise CommandError(
                 "invalid_response",
-                f"the PIMS answered GET {path} with a body that is not valid JSON",
+                f"the PIMS response to GET {path} is not valid JSON",
             ) from None
 
 

@@ -3,8 +3,9 @@
 One run per clinic and kind is active at a time. The guard is a session-level
 PostgreSQL advisory lock, keyed by a 64-bit hash of kind and clinic and taken
 with `pg_try_advisory_lock` on the connection that does the run. A second
-request that finds the lock taken is not run and reports `skipped`. The lock
-goes away with its connection, so a crashed worker never blocks a clinic.
+request that finds the lock taken is not run and reports `skipped`.
+PostgreSQL releases the lock when its session ends, so a crashed worker does
+not block a clinic.
 
 Every command gets one row in `reconcile_runs`, keyed by the command id, and
 exactly one `reconcile.completed` or `species.refreshed` event, written to the
@@ -57,7 +58,7 @@ class SkippedItem:
 
 @dataclass
 class RunReport:
-    """What one run did, as stored in `reconcile_runs` and sent in its event."""
+    """Outcome and counts of one run, stored in `reconcile_runs` and sent in its event."""
 
     kind: RunKind
     command_id: str
@@ -87,9 +88,7 @@ class RunReport:
         self.error = error.code
         self.detail = error.detail
 
-    def finish(self, status: str | None = None) -> None:
-        if status is not None:
-            self.status = status
+    def finish(self) -> None:
         self.finished_at = utc_now()
 
     @property
@@ -224,9 +223,9 @@ async def start_run(
     """Store the run as running; return False if its command already finished.
 
     Call it holding the guard. Holding the guard proves that no other run of
-    this clinic and kind is active, so rows still marked running belong to
-    workers that stopped mid-run: they are closed as failed, with their event,
-    so whoever waits for them gets an answer.
+    this clinic and kind is active. Rows still marked running therefore belong
+    to workers that stopped mid-run. They are closed as failed with their
+    event, so that a requester waiting for them receives a result.
     """
     async with connection.transaction():
         await _close_interrupted(connection, report, events_exchange)

@@ -1,11 +1,12 @@
 """`patients.search`: search a clinic's PIMS for patients and reply within 2 seconds.
 
-The reply is a `patients.search.result` message. On success its data holds up
-to 20 patients, each normalized as Coggo would store it (species through the
-clinic's species map, weight in kilograms, a birth date estimated from an age)
-with the owner and the validated PIMS record that `patients.import` accepts.
+The reply is a `patients.search.result` message. On success its data contains
+up to 20 patients, each normalized as Coggo would store it: species through the
+clinic's species map, weight in kilograms, and a birth date estimated from an
+age. Each also carries its owner and the validated PIMS record, which
+`patients.import` accepts as it is.
 Items that are not a valid PatientWithOwner are dropped and counted. On
-failure the data holds `error` (such as `pims_timeout`, `pims_unavailable`,
+failure the data contains `error` (such as `pims_timeout`, `pims_unavailable`,
 `integration_paused`, `no_base_url` or `invalid_query`) and `detail`.
 """
 
@@ -122,7 +123,7 @@ def _budget_error(clock: SearchClock) -> CommandError:
     if clock.phase == "pims":
         return CommandError(
             "pims_timeout",
-            f"the PIMS did not answer the search within {BUDGET_SECONDS} s",
+            f"the PIMS search timed out after {BUDGET_SECONDS} s",
         )
     return CommandError(
         "internal_error",
@@ -207,7 +208,7 @@ def normalize_results(
     if not isinstance(body, dict) or not isinstance(body.get("patients"), list):
         raise CommandError(
             "invalid_response",
-            "the PIMS answered GET /patients without a `patients` array",
+            "the PIMS response to GET /patients has no `patients` array",
         )
     species_map = {row["pims_key"]: row["species"] for row in species_rows}
     labels = {row["pims_key"]: row["label"] for row in species_rows}

@@ -86,7 +86,7 @@ def parse_catalog(body: Any, report: RunReport) -> dict[str, str | None]:
     if not isinstance(body, dict) or not isinstance(body.get("species"), list):
         raise CommandError(
             "invalid_response",
-            "the PIMS answered GET /species without a `species` array",
+            "the PIMS response to GET /species has no `species` array",
         )
     items: list[Any] = body["species"]
     report.fetched = len(items)
@@ -147,10 +147,8 @@ async def refresh(
             target.clinic_id,
             list(catalog),
         )
-        # NOTE: patients resolved here get no patient.upserted event, because
-        # resolve_pending_species returns a count and not the patients changed.
         report.patients_resolved = await resolve_pending_species(
-            connection, target.clinic_id
+            connection, target.clinic_id, worker.topology.events
         )
 
     report.processed = len(catalog)

@@ -11,6 +11,7 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from coggo.broker import Broker
+from coggo.consumer import TRANSIENT_ERRORS
 from coggo.credentials import SecretBox
 from coggo.outbox import OutboxRelay
 from coggo.schemas.bus import utc_now
@@ -52,7 +53,7 @@ class Command(WireModel):
 
 @dataclass
 class Worker:
-    """What every command handler uses: the database, the bus and the PIMS client."""
+    """Shared dependencies of the command handlers: database, bus and PIMS client."""
 
     pool: asyncpg.Pool
     box: SecretBox
@@ -78,8 +79,9 @@ async def execute_run(
     """Run `work` under the clinic's run guard and record the run with its event.
 
     `invalid` rejects the command before anything else happens. A CommandError
-    raised by `work` fails the run; any other exception propagates, so the
-    consumer retries the command, which then continues the same run.
+    or an unexpected exception from `work` fails the run. A transient database
+    or broker fault propagates instead, so that the consumer retries the
+    command, which then continues the same run.
     """
     bound = log.bind(
         clinic_id=report.clinic_id, command_id=report.command_id, kind=report.kind
@@ -129,6 +131,18 @@ async def _run_locked(
         await work(connection, target)
     except CommandError as exc:
         report.fail("failed", exc)
+    except TRANSIENT_ERRORS:
+        # The consumer retries the command, which continues this run.
+        raise
+    except Exception:
+        bound.exception("run.crashed")
+        report.fail(
+            "failed",
+            CommandError(
+                "internal_error",
+                "the run failed inside Coggo; see the reconciliation worker's log",
+            ),
+        )
     else:
         report.status = "succeeded"
     report.finish()

@@ -11,7 +11,7 @@ CREATE TABLE reconcile_runs (
     command_id text NOT NULL UNIQUE,
     clinic_id text NOT NULL,
     kind text NOT NULL CHECK (kind IN ('appointments', 'species')),
-    -- running: in progress; succeeded: the PIMS answered and the run finished;
+    -- running: in progress; succeeded: the PIMS responded and the run finished;
     -- failed: the PIMS call failed or the run was interrupted; rejected: the
     -- command or the integration made the run impossible, and nothing was
     -- called; skipped: another run for the clinic was active.

@@ -8,11 +8,13 @@ merge copies them over) or after it.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from coggo.errors import PermanentMessageError
+from coggo.outbox import enqueue_events
 from coggo.pipeline.context import EventContext, cleared
 from coggo.pipeline.normalize import birth_date_from_age, weight_in_kg
 from coggo.pipeline.records import merge_fields
@@ -256,16 +258,26 @@ async def merge_patients(
 
 
 async def resolve_pending_species(
-    connection: asyncpg.Connection, clinic_id: str
+    connection: asyncpg.Connection, clinic_id: str, events_exchange: str | None = None
 ) -> int:
-    """Resolve patients whose species key has gained a mapping; return how many changed."""
-    result = await connection.execute(
+    """Resolve patients whose species key has gained a mapping; return how many changed.
+
+    With `events_exchange`, a `patient.upserted` event for each resolved patient
+    goes to the outbox in the caller's transaction.
+    """
+    rows = await connection.fetch(
         """
         UPDATE patients p SET species = m.species, species_resolved = true, updated_at = now()
         FROM species_map m
         WHERE p.clinic_id = $1 AND m.clinic_id = p.clinic_id AND m.pims_key = p.species_key
           AND m.species IS NOT NULL AND p.species IS DISTINCT FROM m.species
+        RETURNING p.*
         """,
         clinic_id,
     )
-    return int(result.split()[-1])
+    if events_exchange is not None and rows:
+        context = EventContext(clinic_id, "species-mapping", datetime.now(UTC), "UTC")
+        for row in rows:
+            _emit_patient(context, dict(row))
+        await enqueue_events(connection, events_exchange, context.events)
+    return len(rows)
