@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -172,6 +173,48 @@ async def send_example(ingress_url: str, created: CreatedIntegration) -> None:
         say(f"sent {result.event_id}: HTTP {result.status} {result.body}")
 
 
+async def admin(env: dict[str, str], *arguments: str) -> dict[str, Any]:
+    """Run a coggo-admin verb with --json and return its result."""
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "coggo-admin"),
+        "--json",
+        *arguments,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    output, errors = await process.communicate()
+    if process.returncode not in (0, 1):
+        raise RuntimeError(
+            f"coggo-admin {' '.join(arguments)} failed: {errors.decode()}"
+        )
+    result: dict[str, Any] = orjson.loads(output)
+    return result
+
+
+async def refresh_species(env: dict[str, str], clinic_id: str) -> None:
+    say("refreshing the species catalog from the reference PIMS")
+    result = await admin(env, "species", "refresh", "--clinic-id", clinic_id, "--wait")
+    data = result.get("data", result)
+    say(
+        f"species.refreshed: {data.get('status')}, {data.get('mapped')} mapped, "
+        f"unmapped keys {data.get('unmappedKeys')}"
+    )
+
+
+async def reconcile(env: dict[str, str], clinic_id: str) -> None:
+    say("reconciling the next 7 days of appointments with the reference PIMS")
+    result = await admin(
+        env, "reconcile", "--clinic-id", clinic_id, "--days", "7", "--wait"
+    )
+    data = result.get("data", result)
+    say(
+        f"reconcile.completed: {data.get('status')}, fetched {data.get('fetched')}, "
+        f"processed {data.get('processed')}, skipped {data.get('skipped')}, "
+        f"truncated {data.get('truncated')}"
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
     settings = (
         Settings(dev_mode=True)
@@ -194,6 +237,7 @@ async def run(args: argparse.Namespace) -> int:
     children = [
         Child("ingress", [str(BIN / "coggo-ingress")]),
         Child("patient-upsert", [str(BIN / "coggo-patient-upsert")]),
+        Child("reconciliation", [str(BIN / "coggo-reconciliation")]),
         Child(
             "pims-sim",
             [
@@ -208,7 +252,6 @@ async def run(args: argparse.Namespace) -> int:
     ]
     health = {
         "ingress": f"{ingress_url}/readyz",
-        "patient-upsert": f"http://127.0.0.1:{metrics_base}/readyz",
         "pims-sim": f"{pims_url}/_sim/health",
     }
 
@@ -223,7 +266,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         for index, child in enumerate(children):
             child_env = dict(env)
-            if child.name == "patient-upsert":
+            if child.name not in health:
                 child_env["COGGO_METRICS_PORT"] = str(metrics_base + index)
                 health[child.name] = f"http://127.0.0.1:{metrics_base + index}/readyz"
             await child.start(child_env)
@@ -232,6 +275,8 @@ async def run(args: argparse.Namespace) -> int:
 
         watcher = asyncio.create_task(watch_events(settings, found, watching_ready))
         await asyncio.wait_for(watching_ready.wait(), 10)
+
+        await refresh_species(env, created.clinic_id)
 
         say("sending the Partner API example event (appointment.created evt_8f2c41)")
         await send_example(ingress_url, created)
@@ -245,6 +290,8 @@ async def run(args: argparse.Namespace) -> int:
             say("no visit.scheduled event within 30 s; see the logs in .run/")
             return 1
         await show_visit(settings, created.clinic_id, "apt_1029")
+
+        await reconcile(env, created.clinic_id)
 
         if args.exit_after_demo:
             return 0
