@@ -170,6 +170,8 @@ def mapped_pool(
     private_loop.run_until_complete(pool.close())
 
 
+# Hundreds of examples, each applying its events twice, take minutes.
+@pytest.mark.timeout(1200)
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
