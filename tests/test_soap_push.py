@@ -11,6 +11,7 @@ import asyncio
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,6 +33,7 @@ from soap_push.retry import MAX_RETRY_AFTER_SECONDS, RetryPolicy, parse_retry_af
 from structlog.testing import capture_logs
 
 from tests.support.events import sign
+from tests.support.pipeline import apply
 from tests.support.soap import (
     Pims,
     hard_note,
@@ -125,6 +127,31 @@ def _of_type(published: list[dict[str, Any]], event_type: str) -> list[dict[str,
     return [event for event in published if event["type"] == event_type]
 
 
+async def _published(
+    queue: aio_pika.abc.AbstractQueue,
+    *event_types: str,
+    settle: float = 0.3,
+    timeout: float = 10.0,
+) -> list[dict[str, Any]]:
+    """Read domain events until `event_types` have arrived, then for `settle` s more.
+
+    Events leave through the outbox relay, which may publish a second after
+    the change, so reading only what is queued at one moment can miss one.
+    Repeat a type to wait for several events of it.
+    """
+    expected = Counter(event_types)
+    found: list[dict[str, Any]] = []
+
+    async def arrived() -> bool:
+        found.extend(await drain(queue, settle=0.05))
+        seen = Counter(event["type"] for event in found)
+        return all(seen[name] >= count for name, count in expected.items())
+
+    await wait_until(arrived, timeout=timeout)
+    found.extend(await drain(queue, settle=settle))
+    return found
+
+
 async def _settle(seconds: float = 0.6) -> None:
     """Give the dispatcher time to do what it must not do, before checking it did not."""
     await asyncio.sleep(seconds)
@@ -178,7 +205,7 @@ class TestDelivery:
         assert "&lt;script&gt;" in formats["html"]
         assert "食欲不振" in formats["html"]
 
-        sent = _of_type(await drain(events), "push.sent")
+        sent = _of_type(await _published(events, "push.sent"), "push.sent")
         assert len(sent) == 1
         assert sent[0]["clinicId"] == CLINIC
         assert sent[0]["data"] == {
@@ -190,6 +217,31 @@ class TestDelivery:
             "lastStatus": 200,
         }
         assert row["has_command"] is False
+
+    async def test_note_for_merged_patient_goes_to_survivor(
+        self,
+        env: Env,
+        channel: aio_pika.abc.AbstractChannel,
+        start_clinic: StartClinic,
+        dispatcher: RunningService,
+    ) -> None:
+        _created, pims = await start_clinic()
+        merge = {
+            "id": "evt_merge",
+            "type": "patient.merged",
+            "occurredAt": "2026-06-12T10:00:00Z",
+            "data": {
+                "patient": {"externalId": "pat_771"},
+                "mergedIntoExternalId": "pat_900",
+            },
+        }
+        await apply(env.pool, merge, clinic=CLINIC)
+
+        await publish_command(channel, env.topology, push_command(CLINIC))
+        await wait_until(state_is(env, "sent", CLINIC))
+
+        envelope = pims.stored()[0]["envelope"]
+        assert envelope["meta"]["externalPatientId"] == "pat_900"
 
     async def test_signature_verifies_with_clinic_secret(
         self,
@@ -337,7 +389,7 @@ class TestRetries:
         assert stored[0]["deliveries"] == 1
         ids = {request.message_id for request in pims.requests}
         assert ids == {str(row["id"])}
-        sent = _of_type(await drain(events), "push.sent")
+        sent = _of_type(await _published(events, "push.sent"), "push.sent")
         assert [event["data"]["attempts"] for event in sent] == [2]
 
     async def test_five_failures_dead_lettered(
@@ -373,7 +425,7 @@ class TestRetries:
         await _settle()
         assert pims.push_calls == 5
 
-        failed = _of_type(await drain(events), "push.failed")
+        failed = _of_type(await _published(events, "push.failed"), "push.failed")
         assert len(failed) == 1
         assert failed[0]["data"]["attempts"] == 5
         assert failed[0]["data"]["lastStatus"] == 503
@@ -510,7 +562,8 @@ class TestVersions:
         assert stored[0]["envelopeId"] != stored[1]["envelopeId"]
         text = stored[1]["envelope"]["formats"]["text"]["subjective"]
         assert text == "Chief complaint: Amended text"
-        sent = _of_type(await drain(events), "push.sent")
+        published = await _published(events, "push.sent", "push.sent")
+        sent = _of_type(published, "push.sent")
         assert sorted(event["data"]["version"] for event in sent) == [1, 2]
 
     async def test_sent_version_not_sent_again(
@@ -530,7 +583,8 @@ class TestVersions:
 
         assert pims.push_calls == 1
         assert await env.pool.fetchval("SELECT count(*) FROM pushes") == 1
-        assert len(_of_type(await drain(events), "push.sent")) == 1
+        published = await _published(events, "push.sent")
+        assert len(_of_type(published, "push.sent")) == 1
 
     async def test_old_version_after_newer_superseded(
         self,
@@ -552,7 +606,8 @@ class TestVersions:
         assert row["attempts"] == 0
         assert pims.push_calls == 1
         assert [push["version"] for push in pims.stored()] == [2]
-        superseded = _of_type(await drain(events), "push.superseded")
+        published = await _published(events, "push.superseded")
+        superseded = _of_type(published, "push.superseded")
         assert len(superseded) == 1
         assert superseded[0]["data"]["version"] == 1
         assert superseded[0]["data"]["supersededByVersion"] == 2
@@ -586,16 +641,17 @@ class TestVersions:
                 channel, env.topology, push_command(CLINIC, version=2)
             )
             await wait_until(state_is(env, "sent", CLINIC, version=2))
-            older = await push_row(env, CLINIC, version=1)
+            older = await wait_until(
+                state_is(env, "superseded", CLINIC, version=1), timeout=1.0
+            )
         finally:
             await service.shutdown()
 
-        assert older is not None
-        assert older["state"] == "superseded"
         assert older["superseded_by"] == 2
+        assert older["attempts"] == 1
         assert pims.push_calls == 2
         assert [push["version"] for push in pims.stored()] == [2]
-        published = await drain(events)
+        published = await _published(events, "push.sent", "push.superseded")
         assert [e["data"]["version"] for e in _of_type(published, "push.sent")] == [2]
         assert [
             e["data"]["version"] for e in _of_type(published, "push.superseded")
@@ -613,7 +669,7 @@ class TestIsolation:
         _fast, healthy = await start_clinic("clinic-fast")
         hanging.set_fault(timeout=True)
         options = PushOptions(
-            timeout_seconds=3.0,
+            timeout_seconds=5.0,
             backoff_seconds=0.05,
             max_in_flight=16,
             clinic_max_in_flight=4,
@@ -632,6 +688,9 @@ class TestIsolation:
             elapsed = time.monotonic() - started
             hanging_calls = hanging.push_calls
         finally:
+            # Closing the hanging PIMS ends its held requests, so the shutdown
+            # does not wait for their time limit.
+            await hanging.close()
             await service.shutdown()
 
         assert elapsed < 1.0
@@ -657,7 +716,8 @@ class TestIsolation:
         assert row is not None
         assert row["state"] == "sent"
         assert row["attempts"] == 1
-        assert len(_of_type(await drain(events), "push.sent")) == 1
+        published = await _published(events, "push.sent")
+        assert len(_of_type(published, "push.sent")) == 1
 
     async def test_kill_between_attempts_loses_nothing(
         self,
@@ -710,7 +770,52 @@ class TestIsolation:
         stored = pims.stored()
         assert len(stored) == 1
         assert stored[0]["deliveries"] == 1
-        assert len(_of_type(await drain(events), "push.sent")) == 1
+        published = await _published(events, "push.sent")
+        assert len(_of_type(published, "push.sent")) == 1
+
+    async def test_kill_during_attempt_retried_after_lease(
+        self,
+        env: Env,
+        channel: aio_pika.abc.AbstractChannel,
+        events: aio_pika.abc.AbstractQueue,
+        start_clinic: StartClinic,
+    ) -> None:
+        _created, pims = await start_clinic()
+        pims.set_fault(timeout=True, times=1)
+        settings = env.service_settings(allow_private_targets=True)
+        variables = {
+            "COGGO_SOAP_PUSH_TIMEOUT_SECONDS": "2",
+            "COGGO_SOAP_PUSH_LEASE_MARGIN_SECONDS": "0.5",
+            "COGGO_SOAP_PUSH_POLL_SECONDS": "0.2",
+            "COGGO_LOG_LEVEL": "warning",
+        }
+
+        with subprocess_service(
+            "coggo-soap-push", settings, extra_env=variables
+        ) as first:
+            await publish_command(channel, env.topology, push_command(CLINIC))
+            await wait_until(lambda: _calls_at_least(pims, 1), timeout=30)
+            first.kill()
+            await asyncio.to_thread(first.wait, 10)
+        during = await push_row(env, CLINIC)
+
+        with subprocess_service(
+            "coggo-soap-push", settings, extra_env=variables
+        ) as second:
+            row = await wait_until(state_is(env, "sent", CLINIC), timeout=30)
+            second.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(second.wait, 30)
+
+        assert during is not None
+        assert during["state"] == "pending"
+        assert during["leased_until"] is not None
+        assert row["attempts"] == 2
+        assert pims.requests[1].unix_time >= during["leased_until"].timestamp()
+        stored = pims.stored()
+        assert len(stored) == 1
+        assert stored[0]["deliveries"] == 1
+        published = await _published(events, "push.sent")
+        assert len(_of_type(published, "push.sent")) == 1
 
 
 class TestOutboundGuard:

@@ -235,6 +235,8 @@ class RecordedRequest:
     """One request the PIMS received on its push route, before any fault applied."""
 
     monotonic: float
+    # Unix time, to compare with timestamps stored in PostgreSQL.
+    unix_time: float
     message_id: str | None
     timestamp: str | None
     signature: str | None
@@ -268,7 +270,9 @@ class Pims:
         self.state.faults.set(FaultSpec(endpoint="push", **fields))
 
     async def close(self) -> None:
-        await self.runner.cleanup()
+        """Stop the server; requests held open by a timeout fault end at once."""
+        if self.runner.server is not None:
+            await self.runner.cleanup()
 
 
 async def start_pims(secret: str) -> Pims:
@@ -286,6 +290,7 @@ async def start_pims(secret: str) -> Pims:
             pims.requests.append(
                 RecordedRequest(
                     time.monotonic(),
+                    time.time(),
                     request.headers.get("X-Coggo-Id"),
                     request.headers.get("X-Coggo-Timestamp"),
                     request.headers.get("X-Coggo-Signature"),

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 
+import asyncpg
 import structlog
 from coggo.broker import Broker
 from coggo.consumer import Consumer
@@ -31,6 +32,15 @@ log = structlog.get_logger(__name__)
 RELAY_STOP_SECONDS = 10.0
 
 
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query when a connection returns to the pool.
+
+    This process sets no session state (no SET, LISTEN, cursors or session
+    advisory locks), so the reset query, one more round trip on every release,
+    would change nothing. asyncpg still rolls back a transaction left open.
+    """
+
+
 async def serve(
     settings: Settings,
     stop: asyncio.Event,
@@ -47,7 +57,9 @@ async def serve(
     policy = policy if policy is not None else options.retry_policy()
     box = SecretBox.from_settings(settings)
     topology = Topology(settings.topology_prefix)
-    pool = await create_pool(settings.database_url, size=settings.db_pool_size)
+    pool = await create_pool(
+        settings.database_url, size=settings.db_pool_size, reset=_keep_session
+    )
     broker = Broker(settings.amqp_url, topology, name="coggo-soap-push")
     maintaining = asyncio.create_task(broker.maintain())
     relay = OutboxRelay(pool, broker)
@@ -128,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
             "push.failed and push.superseded on coggo.events. Configured by "
             "COGGO_* environment variables; COGGO_SOAP_PUSH_TIMEOUT_SECONDS, "
             "_BACKOFF_SECONDS, _BACKOFF_MULTIPLIER, _MAX_BACKOFF_SECONDS, "
-            "_MAX_IN_FLIGHT, _CLINIC_MAX_IN_FLIGHT and _POLL_SECONDS tune the attempts. "
+            "_MAX_IN_FLIGHT, _CLINIC_MAX_IN_FLIGHT, _POLL_SECONDS, _GATHER_SECONDS "
+            "and _LEASE_MARGIN_SECONDS tune the attempts. "
             "COGGO_METRICS_PORT serves /healthz, /readyz and /metrics on a side port."
         ),
     )

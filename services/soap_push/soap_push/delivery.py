@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ TARGET_TTL_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class PushTarget:
-    """Where and how one clinic's pushes are sent."""
+    """Destination and signing secret of one clinic's pushes."""
 
     push_url: str | None
     external_clinic_id: str | None
@@ -55,17 +56,33 @@ class TargetCache:
         self.box = box
         self.ttl = ttl
         self._entries: dict[str, tuple[float, PushTarget | None]] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
 
     async def get(self, clinic_id: str) -> PushTarget | None:
         """Return the clinic's target, or None when the clinic has no integration."""
+        target = self._fresh(clinic_id)
+        if target is not None:
+            return target[0]
+        # One read per clinic at a time: attempts that start together share it.
+        lock = self._loading.setdefault(clinic_id, asyncio.Lock())
+        async with lock:
+            target = self._fresh(clinic_id)
+            if target is not None:
+                return target[0]
+            loaded = await self._load(clinic_id)
+            self._entries[clinic_id] = (time.monotonic() + self.ttl, loaded)
+            return loaded
+
+    def _fresh(self, clinic_id: str) -> tuple[PushTarget | None] | None:
         cached = self._entries.get(clinic_id)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        target = await self._load(clinic_id)
-        self._entries[clinic_id] = (time.monotonic() + self.ttl, target)
-        return target
+        if cached is None or cached[0] <= time.monotonic():
+            return None
+        return (cached[1],)
 
     async def _load(self, clinic_id: str) -> PushTarget | None:
+        # NOTE: the integration's status and plan flag are not read, so a paused
+        # integration still receives pushes; whether a pause should hold them
+        # is not decided.
         row = await self.pool.fetchrow(
             """
             SELECT id, push_url, external_clinic_id FROM integrations
@@ -101,8 +118,10 @@ def describe_missing_target(clinic_id: str, target: PushTarget | None) -> str:
 async def post_envelope(
     client: OutboundClient, url: str, secret: str, envelope_id: str, body: bytes
 ) -> AttemptResult:
-    """POST one signed envelope and classify the outcome; never raises for HTTP faults.
+    """POST one signed envelope and classify the outcome.
 
+    A refused URL, a timeout and a connection error are returned as a failed
+    result, not raised.
     The timestamp and signature are made now, so every attempt is signed afresh
     while the envelope id stays the same.
     """

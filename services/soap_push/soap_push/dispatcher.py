@@ -1,22 +1,22 @@
 """The dispatcher: runs due push attempts, records outcomes, dead-letters failures.
 
-Retries are scheduled in PostgreSQL, not in the broker: each push is a row
-with its attempt count and the time its next attempt is due, and this loop
-claims due rows with FOR UPDATE SKIP LOCKED, so any number of replicas share
-them. A `kill -9` between attempts loses nothing, because the schedule is
+Retries are scheduled in PostgreSQL, not in the broker. Each push is a row
+with its attempt count and the time its next attempt is due. This loop claims
+due rows with FOR UPDATE SKIP LOCKED, so any number of replicas share them.
+A `kill -9` between attempts loses nothing, because the schedule is
 already committed. A kill during an attempt leaves a lease that runs out,
 after which the push is due again, and the interrupted attempt counts as one
 of the five. The consumer of coggo.soap-push only records commands and
-acknowledges them, so no prefetch slot is held while a PIMS is slow; attempts
+acknowledges them, so no prefetch slot is held while a PIMS is slow. Attempts
 run here as tasks, at most `max_in_flight` per process and
-`clinic_max_in_flight` per clinic, so one clinic whose PIMS hangs does not
-delay the others.
+`clinic_max_in_flight` per clinic, so that one clinic whose PIMS hangs does
+not delay the others.
 
 Delays in the broker were not chosen because none fits both RabbitMQ 3.10
-and 4.x. A message with a per-message TTL expires only once it reaches the
-head of its queue (RabbitMQ TTL guide), so a long Retry-After would hold back
-shorter delays behind it. One queue per fixed delay cannot honour an arbitrary
-Retry-After. Quorum queues gain a delivery delay only in RabbitMQ 4.4, and
+and 4.x. A message with a per-message TTL can wait behind unexpired ones
+until they are consumed or expire (RabbitMQ TTL guide), so a long Retry-After
+would hold back shorter delays queued behind it. One queue per fixed delay
+cannot honour an arbitrary Retry-After. Quorum queues gain a delivery delay only in RabbitMQ 4.4, and
 the delayed-message plugin is unmaintained and keeps delayed messages on one
 node without replication (its README).
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -40,14 +41,9 @@ from coggo.broker import Broker
 from coggo.consumer import TRANSIENT_ERRORS
 from coggo.outbound import OutboundClient
 from coggo.outbox import OutboxRelay
+from coggo.pipeline.patients import surviving_external_id
 from coggo.schemas.bus import SoapPush
 from coggo.soap.envelope import build_envelope, encode_envelope
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from soap_push import metrics
 from soap_push.delivery import (
@@ -74,6 +70,8 @@ DEAD_LETTER_RETRY_SECONDS = 5.0
 # Shortest sleep of the loop when a due attempt could not be claimed, e.g.
 # because another replica holds its row lock for a moment.
 MIN_WAIT_SECONDS = 0.05
+# Tries of one database write after an attempt: waits of 0.2, 0.4, 0.8 and 1.6 s.
+DATABASE_ATTEMPTS = 5
 INTERRUPTED_ERROR = (
     "the last attempt was interrupted before the PIMS responded "
     "(the dispatcher stopped or lost the database)"
@@ -113,14 +111,22 @@ class Dispatcher:
         self._stopping = False
         self._busy: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
+        # When the sleeping loop looks for due attempts next (time.monotonic());
+        # infinite while it is not sleeping, since it looks again anyway.
+        self._next_look = math.inf
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
     def notify(self) -> None:
-        """Wake the loop because a push was just queued or an attempt finished."""
+        """Wake the loop because a push was just queued."""
         self._wake.set()
+
+    def _look_within(self, seconds: float) -> None:
+        """Wake the loop if an attempt is due before the loop would look again."""
+        if time.monotonic() + seconds < self._next_look:
+            self._wake.set()
 
     async def run(self) -> None:
         """Claim and start due attempts until `stop()`."""
@@ -143,8 +149,19 @@ class Dispatcher:
                     error=repr(exc),
                 )
             if wait > 0 and not self._stopping:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                await self._sleep(wait)
+
+    async def _sleep(self, seconds: float) -> None:
+        self._next_look = time.monotonic() + seconds
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            return
+        finally:
+            self._next_look = math.inf
+        # Woken early, mostly by a new push: wait a moment for the pushes that
+        # arrive with it, so one claim serves them all.
+        await asyncio.sleep(self.options.gather_seconds)
 
     async def stop(self, timeout: float) -> None:
         """Stop claiming and wait up to `timeout` seconds for attempts in flight.
@@ -201,12 +218,18 @@ class Dispatcher:
         self._tasks.add(task)
 
         def finished(done: asyncio.Task[None]) -> None:
+            # Only a freed slot that due attempts may be waiting for wakes the loop.
+            was_full = len(self._tasks) >= self.options.max_in_flight
+            clinic_was_full = (
+                self._busy[push.clinic_id] >= self.options.clinic_max_in_flight
+            )
             self._tasks.discard(done)
             self._busy[push.clinic_id] -= 1
             if self._busy[push.clinic_id] <= 0:
                 del self._busy[push.clinic_id]
             metrics.PUSH_ATTEMPTS_IN_FLIGHT.dec()
-            self._wake.set()
+            if was_full or clinic_was_full:
+                self._wake.set()
 
         task.add_done_callback(finished)
 
@@ -219,9 +242,18 @@ class Dispatcher:
             attempt=push.attempts,
         )
         try:
+            if push.newer_sent_version is not None:
+                await self._supersede(push, bound)
+                return
+            if push.interrupted:
+                bound.warning(
+                    "push.attempt_interrupted", previous=push.previous_attempts
+                )
             if push.previous_attempts >= self.policy.attempts:
-                error = push.last_error or INTERRUPTED_ERROR
-                await self._fail(push, bound, push.last_status, error)
+                if push.interrupted or push.last_error is None:
+                    await self._fail(push, bound, None, INTERRUPTED_ERROR)
+                else:
+                    await self._fail(push, bound, push.last_status, push.last_error)
                 return
 
             started = time.monotonic()
@@ -251,6 +283,7 @@ class Dispatcher:
                 await self.store.schedule_retry(
                     push, delay, None, f"dispatcher error: {type(exc).__name__}"
                 )
+                self._look_within(delay)
 
     async def _attempt(self, push: ClaimedPush) -> AttemptResult:
         payload = orjson.loads(push.command)
@@ -259,6 +292,14 @@ class Dispatcher:
         if target is None or not target.push_url or not target.secret:
             return AttemptResult(None, describe_missing_target(push.clinic_id, target))
 
+        # A note written for a patient that has since been merged away lands on
+        # the survivor, as its appointments and visits did.
+        survivor = await _retrying(
+            lambda: surviving_external_id(
+                self.store.pool, push.clinic_id, command.data.external_patient_id
+            )
+        )
+        command.data.external_patient_id = survivor
         envelope = build_envelope(
             command,
             payload["data"]["note"],
@@ -279,20 +320,25 @@ class Dispatcher:
         status: int,
         elapsed: float,
     ) -> None:
-        events = await _retrying(lambda: self.store.mark_sent(push, status))
-        if not events:
+        finished = await _retrying(lambda: self.store.mark_sent(push, status))
+        if finished is None:
             bound.info("push.already_finished", status=status)
             return
         self.relay.notify()
+        if finished.older_versions_due:
+            self._look_within(0.0)
         metrics.PUSHES_FINISHED.labels("sent").inc()
         bound.info("push.sent", status=status, duration_ms=round(elapsed * 1000, 1))
-        superseded = [event for event in events if event.type == "push.superseded"]
-        if superseded:
-            metrics.PUSHES_FINISHED.labels("superseded").inc(len(superseded))
-            bound.info(
-                "push.superseded_older",
-                versions=[event.data["version"] for event in superseded],
-            )
+
+    async def _supersede(
+        self, push: ClaimedPush, bound: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        finished = await _retrying(lambda: self.store.mark_superseded(push))
+        if finished is None:
+            return
+        self.relay.notify()
+        metrics.PUSHES_FINISHED.labels("superseded").inc()
+        bound.info("push.superseded", superseded_by_version=push.newer_sent_version)
 
     async def _retry_later(
         self,
@@ -304,6 +350,7 @@ class Dispatcher:
         await _retrying(
             lambda: self.store.schedule_retry(push, delay, result.status, result.error)
         )
+        self._look_within(delay)
         next_attempt_at = datetime.now(UTC) + timedelta(seconds=delay)
         bound.warning(
             "push.attempt_failed",
@@ -336,6 +383,7 @@ class Dispatcher:
                     push, DEAD_LETTER_RETRY_SECONDS, status, error
                 )
             )
+            self._look_within(DEAD_LETTER_RETRY_SECONDS)
             bound.warning(
                 "push.dead_letter_failed",
                 retry_in=DEAD_LETTER_RETRY_SECONDS,
@@ -343,8 +391,8 @@ class Dispatcher:
             )
             return
 
-        event = await _retrying(lambda: self.store.mark_failed(push, status, error))
-        if event is None:
+        finished = await _retrying(lambda: self.store.mark_failed(push, status, error))
+        if finished is None:
             bound.info("push.already_finished", status=status)
             return
         self.relay.notify()
@@ -375,17 +423,16 @@ class Dispatcher:
 
 
 async def _retrying(operation: Callable[[], Awaitable[T]]) -> T:
-    """Run a database operation, retrying brief faults for a few seconds.
+    """Run a database operation, retrying brief faults for about three seconds.
 
     Should they last longer, the error propagates and the push's lease runs
     out, so the attempt is made again later.
     """
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(TRANSIENT_ERRORS),
-        stop=stop_after_attempt(5),
-        wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
-        reraise=True,
-    ):
-        with attempt:
+    for attempt in range(1, DATABASE_ATTEMPTS + 1):
+        try:
             return await operation()
-    raise AssertionError("unreachable: tenacity re-raises the last error")
+        except TRANSIENT_ERRORS:
+            if attempt == DATABASE_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable: the last attempt returns or raises")

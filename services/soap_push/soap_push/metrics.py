@@ -1,7 +1,7 @@
 """Prometheus metrics of the SOAP-push dispatcher.
 
 Attempts by result are counted in coggo.metrics.PUSH_ATTEMPTS, shared with the
-other services; these add what only the dispatcher knows.
+other services. These add the dispatcher's own figures.
 """
 
 from __future__ import annotations

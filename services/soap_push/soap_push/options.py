@@ -59,6 +59,16 @@ class PushOptions(BaseSettings):
         ),
     )
 
+    gather_seconds: float = Field(
+        default=0.005,
+        ge=0,
+        le=1,
+        description=(
+            "Pause after a new push wakes the dispatcher, in seconds, so that "
+            "pushes arriving together are claimed with one query."
+        ),
+    )
+
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
             first_delay=self.backoff_seconds,
@@ -66,10 +76,18 @@ class PushOptions(BaseSettings):
             max_delay=self.max_backoff_seconds,
         )
 
+    lease_margin_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description=(
+            "Time beyond timeout_seconds that a claimed attempt stays reserved, "
+            "for the writes after it; a push whose dispatcher died mid-attempt "
+            "is due again once both have passed."
+        ),
+    )
+
     @property
     def lease_seconds(self) -> float:
-        """How long a claimed attempt is reserved before another dispatcher may retry it.
-
-        It outlasts the HTTP time limit plus the database writes that follow.
-        """
-        return self.timeout_seconds + 30.0
+        """How long a claimed attempt is reserved before another dispatcher may retry it."""
+        return self.timeout_seconds + self.lease_margin_seconds

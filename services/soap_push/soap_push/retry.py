@@ -9,8 +9,8 @@ from email.utils import parsedate_to_datetime
 
 # The Partner API: "anything else is retried with exponential backoff (5 attempts)".
 ATTEMPTS = 5
-# A Retry-After beyond this is cut to it, so one header cannot park a push for
-# months; up to this bound it is honoured in full.
+# A Retry-After above this is cut to it, so that one header cannot hold a push
+# for months. Values up to it are honoured in full.
 MAX_RETRY_AFTER_SECONDS = 24 * 3600.0
 
 

@@ -1,10 +1,11 @@
 """The pushes table: taking in commands, claiming due attempts, recording outcomes.
 
 Every state change that announces something writes its domain event to the
-outbox in the same transaction. Changes that decide between versions of one
-note (taking in a command, marking a version sent) first take a transaction
-advisory lock on (clinic, note), so an old version can never be queued after
-a newer one was marked sent.
+outbox in the same transaction. The common paths are single statements, since
+the round trips to PostgreSQL are most of the cost of a push. One race is left
+to the claim. An older version taken in while a newer one is being marked sent
+can end up pending beside the sent one. The claim flags such a push, and the
+dispatcher supersedes it instead of sending it.
 """
 
 from __future__ import annotations
@@ -27,13 +28,22 @@ _BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
 
 
 class Intake(StrEnum):
-    """What taking in one soap.push command did."""
+    """Outcome of taking in one soap.push command."""
 
     QUEUED = "queued"
     DUPLICATE = "duplicate"
     SUPERSEDED = "superseded"
     # A failed push whose command arrived again, e.g. replayed from the dead-letter queue.
     REQUEUED = "requeued"
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A push that reached its final state, and the event written with it."""
+
+    event: DomainEvent
+    # Older versions of the note still pending, now due so they are superseded.
+    older_versions_due: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,11 +60,17 @@ class ClaimedPush:
     # attempt was interrupted or its dead-lettering failed, so no new attempt
     # is made and the push is failed with what is known.
     previous_attempts: int
+    # The previous attempt's lease ran out: its dispatcher stopped mid-attempt,
+    # so last_status and last_error are from the attempt before it.
+    interrupted: bool
     command: bytes
     command_id: str
     command_headers: dict[str, Any]
     last_status: int | None
     last_error: str | None
+    # The newest version of the note that was sent, when newer than this one:
+    # this push must then be superseded, not sent.
+    newer_sent_version: int | None = None
 
 
 def storable_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -99,16 +115,6 @@ def push_event(
     )
 
 
-async def _lock_note(
-    connection: asyncpg.Connection, clinic_id: str, note_id: str
-) -> None:
-    await connection.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
-        clinic_id,
-        note_id,
-    )
-
-
 _CLAIM_SQL = """
 WITH busy AS (
     SELECT clinic_id, in_flight
@@ -140,7 +146,8 @@ WITH busy AS (
 ), picked AS (
     -- The conditions on p are repeated here because FOR UPDATE rechecks only
     -- this level: a row another dispatcher claimed meanwhile is left out.
-    SELECT p.id, p.attempts AS previous_attempts
+    SELECT p.id, p.attempts AS previous_attempts,
+           p.leased_until IS NOT NULL AS interrupted
     FROM pushes p JOIN ranked r ON r.id = p.id
     WHERE r.slot <= $4
       AND p.state = 'pending'
@@ -157,8 +164,62 @@ UPDATE pushes p SET
 FROM picked
 WHERE p.id = picked.id
 RETURNING p.id, p.clinic_id, p.note_id, p.version, p.attempts,
-          picked.previous_attempts, p.command, p.command_id, p.command_headers,
-          p.last_status, p.last_error
+          picked.previous_attempts, picked.interrupted,
+          p.command, p.command_id, p.command_headers,
+          p.last_status, p.last_error,
+          (
+              SELECT max(n.version) FROM pushes n
+              WHERE n.clinic_id = p.clinic_id AND n.note_id = p.note_id
+                AND n.version > p.version AND n.state = 'sent'
+          ) AS newer_sent_version
+"""
+
+# Queues a new push, or requeues a failed one whose command came again (e.g.
+# replayed from the dead-letter queue). Returns no row when the version exists
+# in another state or a newer version was sent, and take_in then finds out which.
+_TAKE_IN_SQL = """
+INSERT INTO pushes (id, clinic_id, note_id, version, command, command_id,
+    command_headers)
+SELECT $1, $2, $3, $4, $5, $6, $7
+WHERE NOT EXISTS (
+    SELECT 1 FROM pushes n
+    WHERE n.clinic_id = $2 AND n.note_id = $3 AND n.version > $4
+      AND n.state = 'sent'
+)
+ON CONFLICT (clinic_id, note_id, version) DO UPDATE SET
+    state = 'pending', attempts = 0, next_attempt_at = now(),
+    leased_until = NULL, last_status = NULL, last_error = NULL,
+    command = excluded.command, command_id = excluded.command_id,
+    command_headers = excluded.command_headers,
+    finished_at = NULL, updated_at = now()
+WHERE pushes.state = 'failed'
+-- A new row has both timestamps from the same now(); a requeued one does not.
+RETURNING created_at = updated_at AS inserted
+"""
+
+# Ends a pending push in `state` and writes its event to the outbox, in one
+# statement, so the two commit together. When the push was sent, older versions
+# of its note still pending are made due now: the claim then finds the newer
+# version sent and the dispatcher supersedes them, with their own events.
+_FINISH_SQL = """
+WITH finished AS (
+    UPDATE pushes SET state = $2, attempts = $3, leased_until = NULL,
+        last_status = $4, last_error = $5, superseded_by = $6, command = NULL,
+        finished_at = now(), updated_at = now()
+    WHERE id = $1 AND state = 'pending'
+    RETURNING clinic_id, note_id, version
+), older AS (
+    UPDATE pushes o SET next_attempt_at = now(), updated_at = now()
+    FROM finished f
+    WHERE $2 = 'sent' AND o.clinic_id = f.clinic_id AND o.note_id = f.note_id
+      AND o.version < f.version AND o.state = 'pending'
+    RETURNING o.id
+), announced AS (
+    INSERT INTO outbox (exchange, routing_key, message_id, body, headers, mandatory)
+    SELECT $7, $8, $9, $10, '{}'::jsonb, false FROM finished
+)
+SELECT (SELECT count(*) FROM finished) AS finished,
+       (SELECT count(*) FROM older) AS older
 """
 
 _NEXT_DUE_SQL = """
@@ -190,103 +251,62 @@ class PushStore:
         push_id = envelope_id(command.clinic_id, data.note_id, data.version)
         stored_headers = storable_headers(headers)
 
+        row = await self.pool.fetchrow(
+            _TAKE_IN_SQL,
+            push_id,
+            command.clinic_id,
+            data.note_id,
+            data.version,
+            body,
+            command.id,
+            stored_headers,
+        )
+        if row is not None:
+            return Intake.QUEUED if row["inserted"] else Intake.REQUEUED
+
         async with self.pool.acquire() as connection, connection.transaction():
-            await _lock_note(connection, command.clinic_id, data.note_id)
-            versions = await connection.fetch(
-                "SELECT version, state FROM pushes WHERE clinic_id = $1 AND note_id = $2",
+            newer_version = await connection.fetchval(
+                """
+                SELECT max(version) FROM pushes
+                WHERE clinic_id = $1 AND note_id = $2 AND version > $3
+                  AND state = 'sent'
+                """,
                 command.clinic_id,
                 data.note_id,
+                data.version,
             )
-            same = [row for row in versions if row["version"] == data.version]
-            if same:
-                if same[0]["state"] != "failed":
-                    return Intake.DUPLICATE
-                await self._requeue(connection, push_id, command, body, stored_headers)
-                return Intake.REQUEUED
-
-            newer_sent = [
-                row["version"]
-                for row in versions
-                if row["state"] == "sent" and row["version"] > data.version
-            ]
-            if newer_sent:
-                await self._insert_superseded(
-                    connection, push_id, command, stored_headers, max(newer_sent)
-                )
-                return Intake.SUPERSEDED
-
-            await connection.execute(
+            if newer_version is None:
+                return Intake.DUPLICATE
+            inserted = await connection.fetchval(
                 """
-                INSERT INTO pushes (id, clinic_id, note_id, version, command,
-                    command_id, command_headers)
-                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                INSERT INTO pushes (id, clinic_id, note_id, version, state,
+                    command_id, command_headers, superseded_by, finished_at)
+                VALUES ($1, $2, $3, $4, 'superseded', $5, $6, $7, now())
+                ON CONFLICT (clinic_id, note_id, version) DO NOTHING
+                RETURNING true
                 """,
                 push_id,
                 command.clinic_id,
                 data.note_id,
                 data.version,
-                body,
                 command.id,
                 stored_headers,
+                newer_version,
             )
-        return Intake.QUEUED
-
-    async def _requeue(
-        self,
-        connection: asyncpg.Connection,
-        push_id: uuid.UUID,
-        command: SoapPush,
-        body: bytes,
-        headers: dict[str, Any],
-    ) -> None:
-        await connection.execute(
-            """
-            UPDATE pushes SET state = 'pending', attempts = 0, next_attempt_at = now(),
-                leased_until = NULL, last_status = NULL, last_error = NULL,
-                command = $2, command_id = $3, command_headers = $4,
-                finished_at = NULL, updated_at = now()
-            WHERE id = $1
-            """,
-            push_id,
-            body,
-            command.id,
-            headers,
-        )
-
-    async def _insert_superseded(
-        self,
-        connection: asyncpg.Connection,
-        push_id: uuid.UUID,
-        command: SoapPush,
-        headers: dict[str, Any],
-        newer_version: int,
-    ) -> None:
-        data = command.data
-        await connection.execute(
-            """
-            INSERT INTO pushes (id, clinic_id, note_id, version, state, command_id,
-                command_headers, superseded_by, finished_at)
-            VALUES ($1, $2, $3, $4, 'superseded', $5, $6, $7, now())
-            """,
-            push_id,
-            command.clinic_id,
-            data.note_id,
-            data.version,
-            command.id,
-            headers,
-            newer_version,
-        )
-        event = push_event(
-            "push.superseded",
-            push_id=push_id,
-            clinic_id=command.clinic_id,
-            note_id=data.note_id,
-            version=data.version,
-            attempts=0,
-            last_status=None,
-            supersededByVersion=newer_version,
-        )
-        await enqueue_events(connection, self.events_exchange, [event])
+            if not inserted:
+                return Intake.DUPLICATE
+            event = push_event(
+                "push.superseded",
+                push_id=push_id,
+                clinic_id=command.clinic_id,
+                note_id=data.note_id,
+                version=data.version,
+                attempts=0,
+                last_status=None,
+                supersededByVersion=newer_version,
+            )
+            await enqueue_events(connection, self.events_exchange, [event])
+        return Intake.SUPERSEDED
 
     async def claim(
         self,
@@ -322,11 +342,13 @@ class PushStore:
                 version=row["version"],
                 attempts=row["attempts"],
                 previous_attempts=row["previous_attempts"],
+                interrupted=row["interrupted"],
                 command=row["command"],
                 command_id=row["command_id"],
                 command_headers=row["command_headers"],
                 last_status=row["last_status"],
                 last_error=row["last_error"],
+                newer_sent_version=row["newer_sent_version"],
             )
             for row in rows
         ]
@@ -364,97 +386,91 @@ class PushStore:
         )
         return bool(updated)
 
-    async def mark_sent(self, push: ClaimedPush, status: int) -> list[DomainEvent]:
-        """Mark the push sent and supersede older versions still pending.
+    async def mark_sent(self, push: ClaimedPush, status: int) -> Finished | None:
+        """Mark the push sent; return None when it was already finished."""
+        event = push_event(
+            "push.sent",
+            push_id=push.id,
+            clinic_id=push.clinic_id,
+            note_id=push.note_id,
+            version=push.version,
+            attempts=push.attempts,
+            last_status=status,
+        )
+        return await self._finish(push, "sent", event, last_status=status)
 
-        Returns the events written, none when the push was already finished.
+    async def mark_superseded(self, push: ClaimedPush) -> Finished | None:
+        """Supersede a claimed push because a newer version of its note was sent.
+
+        The claim counted an attempt that is not made, so the count goes back.
+        Returns None when the push was already finished.
         """
-        async with self.pool.acquire() as connection, connection.transaction():
-            await _lock_note(connection, push.clinic_id, push.note_id)
-            attempts = await connection.fetchval(
-                """
-                UPDATE pushes SET state = 'sent', leased_until = NULL,
-                    last_status = $2, last_error = NULL, command = NULL,
-                    finished_at = now(), updated_at = now()
-                WHERE id = $1 AND state = 'pending'
-                RETURNING attempts
-                """,
-                push.id,
-                status,
-            )
-            if attempts is None:
-                return []
-            older = await connection.fetch(
-                """
-                UPDATE pushes SET state = 'superseded', superseded_by = $3,
-                    leased_until = NULL, command = NULL,
-                    finished_at = now(), updated_at = now()
-                WHERE clinic_id = $1 AND note_id = $2 AND version < $3
-                  AND state = 'pending'
-                RETURNING id, version, attempts, last_status
-                """,
-                push.clinic_id,
-                push.note_id,
-                push.version,
-            )
-            events = [
-                push_event(
-                    "push.sent",
-                    push_id=push.id,
-                    clinic_id=push.clinic_id,
-                    note_id=push.note_id,
-                    version=push.version,
-                    attempts=attempts,
-                    last_status=status,
-                )
-            ]
-            events += [
-                push_event(
-                    "push.superseded",
-                    push_id=row["id"],
-                    clinic_id=push.clinic_id,
-                    note_id=push.note_id,
-                    version=row["version"],
-                    attempts=row["attempts"],
-                    last_status=row["last_status"],
-                    supersededByVersion=push.version,
-                )
-                for row in older
-            ]
-            await enqueue_events(connection, self.events_exchange, events)
-        return events
+        assert push.newer_sent_version is not None
+        event = push_event(
+            "push.superseded",
+            push_id=push.id,
+            clinic_id=push.clinic_id,
+            note_id=push.note_id,
+            version=push.version,
+            attempts=push.previous_attempts,
+            last_status=push.last_status,
+            supersededByVersion=push.newer_sent_version,
+        )
+        return await self._finish(
+            push,
+            "superseded",
+            event,
+            attempts=push.previous_attempts,
+            last_status=push.last_status,
+            last_error=push.last_error,
+            superseded_by=push.newer_sent_version,
+        )
 
     async def mark_failed(
         self, push: ClaimedPush, status: int | None, error: str
-    ) -> DomainEvent | None:
+    ) -> Finished | None:
         """Mark the push failed once its dead-letter copy is confirmed.
 
-        Returns the push.failed event, or None when the push was already finished.
+        Returns None when the push was already finished.
         """
-        async with self.pool.acquire() as connection, connection.transaction():
-            attempts = await connection.fetchval(
-                """
-                UPDATE pushes SET state = 'failed', leased_until = NULL,
-                    last_status = $2, last_error = $3, command = NULL,
-                    finished_at = now(), updated_at = now()
-                WHERE id = $1 AND state = 'pending'
-                RETURNING attempts
-                """,
-                push.id,
-                status,
-                error,
-            )
-            if attempts is None:
-                return None
-            event = push_event(
-                "push.failed",
-                push_id=push.id,
-                clinic_id=push.clinic_id,
-                note_id=push.note_id,
-                version=push.version,
-                attempts=attempts,
-                last_status=status,
-                lastError=error,
-            )
-            await enqueue_events(connection, self.events_exchange, [event])
-        return event
+        event = push_event(
+            "push.failed",
+            push_id=push.id,
+            clinic_id=push.clinic_id,
+            note_id=push.note_id,
+            version=push.version,
+            attempts=push.attempts,
+            last_status=status,
+            lastError=error,
+        )
+        return await self._finish(
+            push, "failed", event, last_status=status, last_error=error
+        )
+
+    async def _finish(
+        self,
+        push: ClaimedPush,
+        state: str,
+        event: DomainEvent,
+        *,
+        attempts: int | None = None,
+        last_status: int | None = None,
+        last_error: str | None = None,
+        superseded_by: int | None = None,
+    ) -> Finished | None:
+        row = await self.pool.fetchrow(
+            _FINISH_SQL,
+            push.id,
+            state,
+            push.attempts if attempts is None else attempts,
+            last_status,
+            last_error,
+            superseded_by,
+            self.events_exchange,
+            event.type,
+            event.id,
+            event.to_bytes(),
+        )
+        if not row["finished"]:
+            return None
+        return Finished(event, older_versions_due=row["older"])

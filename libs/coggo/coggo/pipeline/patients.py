@@ -281,3 +281,27 @@ async def resolve_pending_species(
             _emit_patient(context, dict(row))
         await enqueue_events(connection, events_exchange, context.events)
     return len(rows)
+
+
+async def surviving_external_id(
+    connection: asyncpg.Connection | asyncpg.Pool, clinic_id: str, external_id: str
+) -> str:
+    """Return the external id of the patient `external_id` was merged into, at the end
+    of any chain of merges; the id itself when it was never merged or is unknown."""
+    survivor = await connection.fetchval(
+        """
+        WITH RECURSIVE chain (id, external_id, merged_into_id, depth) AS (
+            SELECT id, external_id, merged_into_id, 0 FROM patients
+            WHERE clinic_id = $1 AND external_id = $2
+            UNION ALL
+            SELECT p.id, p.external_id, p.merged_into_id, chain.depth + 1
+            FROM patients p JOIN chain ON p.id = chain.merged_into_id
+            WHERE chain.depth < $3
+        )
+        SELECT external_id FROM chain WHERE merged_into_id IS NULL LIMIT 1
+        """,
+        clinic_id,
+        external_id,
+        MAX_MERGE_CHAIN,
+    )
+    return str(survivor) if survivor is not None else external_id

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from coggo.schemas.bus import SoapPush
-from coggo.soap.render import note_for_push, render_html, render_text
+from coggo.soap.render import capture_note, html_fragment, note_for_push, text_blocks
 
 # Namespace of the uuid5 envelope ids. Changing it changes every envelope id,
 # so a PIMS would see an amended push as a new one.
@@ -57,10 +57,11 @@ def build_envelope(
     }
 
     formats: dict[str, Any] = {"json": note_for_push(note)}
-    text = render_text(data.note, data.narrative)
+    captured = capture_note(data.note, data.narrative)
+    text = text_blocks(captured)
     if text:
         formats["text"] = text
-    fragment = render_html(data.note, data.narrative)
+    fragment = html_fragment(captured)
     if fragment:
         formats["html"] = fragment
 

@@ -1,8 +1,8 @@
 """Plain-text and HTML renderings of a SOAP note, and the vitals rule.
 
 The Partner API marks a field with no captured data by the value
-"Not mentioned" (free text and select) or "" (checkbox groups); an empty list
-is treated the same way. Only captured fields are rendered, and a section
+"Not mentioned" (free text and select) or "" (checkbox groups). An empty list
+counts as not captured too. Only captured fields are rendered, and a section
 without any is left out. A note with no captured section but a narrative is
 rendered as the narrative alone.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from coggo.schemas.partner import SoapField, SoapJson, SoapSection
@@ -92,34 +93,54 @@ def narrative_text(narrative: str | None) -> str | None:
     return narrative.strip()
 
 
-def render_text(note: SoapJson, narrative: str | None = None) -> dict[str, str]:
+@dataclass(frozen=True)
+class CapturedNote:
+    """Captured content of a note, in the form both renderings use."""
+
+    # Section key -> (label, value text) of each captured field, in SOAP order.
+    sections: dict[str, list[tuple[str, str]]]
+    # Section key -> heading: the note's section title, or the SOAP name.
+    titles: dict[str, str]
+    # Set only when no section has captured data.
+    narrative: str | None
+
+
+def capture_note(note: SoapJson, narrative: str | None = None) -> CapturedNote:
+    """Collect the captured fields of a note, or its narrative when it has none."""
+    sections = captured_sections(note)
+    titles = {}
+    for key in sections:
+        section = getattr(note, key)
+        titles[key] = section.title.strip() or SECTION_TITLES[key]
+    return CapturedNote(
+        sections=sections,
+        titles=titles,
+        narrative=None if sections else narrative_text(narrative),
+    )
+
+
+def text_blocks(captured: CapturedNote) -> dict[str, str]:
     """Render one plain-text block per captured section, or the narrative alone.
 
     Each block has one "Label: value" line per captured field. The result is
     empty when the note has neither captured fields nor a narrative.
     """
-    sections = captured_sections(note)
-    if sections:
+    if captured.sections:
         return {
             key: "\n".join(f"{label}: {value}" for label, value in fields)
-            for key, fields in sections.items()
+            for key, fields in captured.sections.items()
         }
-    text = narrative_text(narrative)
-    return {NARRATIVE_KEY: text} if text is not None else {}
+    if captured.narrative is not None:
+        return {NARRATIVE_KEY: captured.narrative}
+    return {}
 
 
 def _escape_multiline(text: str) -> str:
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return "<br>".join(html.escape(line, quote=True) for line in lines)
+    return "<br>".join([html.escape(line, quote=True) for line in lines])
 
 
-def _section_title(note: SoapJson, key: str) -> str:
-    section = getattr(note, key)
-    title = section.title.strip() if section is not None else ""
-    return title or SECTION_TITLES[key]
-
-
-def render_html(note: SoapJson, narrative: str | None = None) -> str:
+def html_fragment(captured: CapturedNote) -> str:
     """Render a compact HTML fragment (no doctype, head or body) of the note.
 
     Every title, label and value is escaped with `html.escape`, and line breaks
@@ -127,31 +148,42 @@ def render_html(note: SoapJson, narrative: str | None = None) -> str:
     heading and a definition list; a narrative-only note becomes paragraphs.
     The result is "" when nothing was captured.
     """
-    sections = captured_sections(note)
     parts: list[str] = []
-    for key, fields in sections.items():
+    for key, fields in captured.sections.items():
         rows = "".join(
-            f"<dt>{html.escape(label, quote=True)}</dt><dd>{_escape_multiline(value)}</dd>"
-            for label, value in fields
+            [
+                f"<dt>{html.escape(label, quote=True)}</dt>"
+                f"<dd>{_escape_multiline(value)}</dd>"
+                for label, value in fields
+            ]
         )
-        title = html.escape(_section_title(note, key), quote=True)
+        title = html.escape(captured.titles[key], quote=True)
         parts.append(
             f'<section data-section="{key}"><h3>{title}</h3><dl>{rows}</dl></section>'
         )
 
     if not parts:
-        text = narrative_text(narrative)
-        if text is None:
+        if captured.narrative is None:
             return ""
         paragraphs = [
             paragraph.strip()
-            for paragraph in text.replace("\r\n", "\n").split("\n\n")
+            for paragraph in captured.narrative.replace("\r\n", "\n").split("\n\n")
             if paragraph.strip()
         ]
-        body = "".join(f"<p>{_escape_multiline(p)}</p>" for p in paragraphs)
+        body = "".join([f"<p>{_escape_multiline(p)}</p>" for p in paragraphs])
         parts.append(f'<section data-section="{NARRATIVE_KEY}">{body}</section>')
 
     return f'<div class="coggo-soap">{"".join(parts)}</div>'
+
+
+def render_text(note: SoapJson, narrative: str | None = None) -> dict[str, str]:
+    """Render the plain-text blocks of a note; see `text_blocks`."""
+    return text_blocks(capture_note(note, narrative))
+
+
+def render_html(note: SoapJson, narrative: str | None = None) -> str:
+    """Render the HTML fragment of a note; see `html_fragment`."""
+    return html_fragment(capture_note(note, narrative))
 
 
 def _is_captured_vital(value: Any) -> bool:
