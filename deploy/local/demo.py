@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,6 +216,110 @@ async def reconcile(env: dict[str, str], clinic_id: str) -> None:
     )
 
 
+DEMO_NOTE: dict[str, Any] = {
+    "schemaVersion": "1.0",
+    "subjective": {
+        "title": "Subjective",
+        "fields": [
+            {
+                "name": "chief_complaint",
+                "label": "Chief complaint",
+                "type": "free_text",
+                "value": "Lameness re-check, left hind",
+            }
+        ],
+    },
+    "objective": {
+        "title": "Objective / Physical Exam",
+        "fields": [
+            {
+                "name": "temperature",
+                "label": "Temperature (Rectal)",
+                "type": "number_with_unit",
+                "unit": "°C",
+                "value": 38.6,
+            }
+        ],
+    },
+    "plan": {
+        "title": "Plan",
+        "fields": [
+            {
+                "name": "plan",
+                "label": "Plan",
+                "type": "free_text",
+                "value": "Continue rest; recheck in two weeks.",
+            }
+        ],
+    },
+    "vitals": {"temperature": {"value": 38.6, "unit": "celsius"}, "confidence": "high"},
+}
+
+
+async def push_note(
+    settings: Settings,
+    clinic_id: str,
+    pims_url: str,
+    found: asyncio.Queue[dict[str, object]],
+) -> bool:
+    """Send a signed SOAP note for the example patient and show what the PIMS stored."""
+    command = {
+        "id": str(uuid.uuid4()),
+        "type": "soap.push",
+        "occurredAt": datetime.now(UTC).isoformat(),
+        "clinicId": clinic_id,
+        "data": {
+            "noteId": "note-demo-1",
+            "version": 1,
+            "externalPatientId": "pat_771",
+            "externalAppointmentId": "apt_1029",
+            "vet": {"name": "Dr. Demo", "externalStaffId": "stf_44"},
+            "signedAt": datetime.now(UTC).isoformat(),
+            "language": "en",
+            "note": DEMO_NOTE,
+        },
+    }
+    say("pushing a signed SOAP note for pat_771 to the reference PIMS")
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(
+            f"{settings.topology_prefix}coggo.commands"
+        )
+        await exchange.publish(
+            aio_pika.Message(
+                orjson.dumps(command),
+                message_id=command["id"],
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key="soap.push",
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            event = await asyncio.wait_for(found.get(), 1)
+            if event["type"] in ("push.sent", "push.failed"):
+                break
+    else:
+        say("no push.sent event within 30 s; see the logs in .run/")
+        return False
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{pims_url}/_sim/pushes") as response,
+    ):
+        received = await response.json()
+    for push in received.get("pushes", []):
+        envelope = push.get("envelope", {})
+        text = envelope.get("formats", {}).get("text", {})
+        say(
+            f"the reference PIMS received note {push.get('noteId')} version "
+            f"{push.get('version')} (envelope {envelope.get('id')}) with text sections "
+            f"{sorted(text)}"
+        )
+    return bool(received.get("pushes"))
+
+
 async def run(args: argparse.Namespace) -> int:
     settings = (
         Settings(dev_mode=True)
@@ -238,6 +343,7 @@ async def run(args: argparse.Namespace) -> int:
         Child("ingress", [str(BIN / "coggo-ingress")]),
         Child("patient-upsert", [str(BIN / "coggo-patient-upsert")]),
         Child("reconciliation", [str(BIN / "coggo-reconciliation")]),
+        Child("soap-push", [str(BIN / "coggo-soap-push")]),
         Child(
             "pims-sim",
             [
@@ -292,6 +398,8 @@ async def run(args: argparse.Namespace) -> int:
         await show_visit(settings, created.clinic_id, "apt_1029")
 
         await reconcile(env, created.clinic_id)
+        if not await push_note(settings, created.clinic_id, pims_url, found):
+            return 1
 
         if args.exit_after_demo:
             return 0
