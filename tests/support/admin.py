@@ -47,8 +47,9 @@ class CliResult:
     stdout: str
     stderr: str
 
-    def json(self) -> Any:
-        assert self.code == 0, f"exit {self.code}: {self.stderr}"
+    def json(self, code: int = 0) -> Any:
+        """Parse stdout as JSON after checking the exit status."""
+        assert self.code == code, f"exit {self.code}: {self.stderr}"
         return json.loads(self.stdout)
 
 
@@ -73,9 +74,7 @@ async def run_cli(
         process.communicate(None if stdin is None else stdin.encode()), timeout
     )
     assert process.returncode is not None
-    return CliResult(
-        process.returncode, stdout.decode("utf-8"), stderr.decode("utf-8")
-    )
+    return CliResult(process.returncode, stdout.decode("utf-8"), stderr.decode("utf-8"))
 
 
 async def admin(env: Env, *args: str, **kwargs: Any) -> CliResult:

@@ -60,14 +60,15 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 # Headers of our own on a consumer's dead letter, beside those in coggo.topology:
-# how many times a consumer dead-lettered the message, and when (unix seconds),
-# first and last. The broker records its own dead-lettering in x-death.
+# how many times consumers dead-lettered the message, and when it first died
+# (unix seconds). The broker records its own dead-lettering in x-death, which
+# RabbitMQ 4 rewrites when a message is published again, so these headers keep
+# the history across replays.
 DEATH_COUNT_HEADER = "x-coggo-death-count"
 FIRST_DEATH_HEADER = "x-coggo-first-death-at"
-LAST_DEATH_HEADER = "x-coggo-last-death-at"
 
 # Deliveries that arrived before the broker confirmed a cancel may still be on
-# their way to the callback; stop() waits this long for them to show up.
+# their way to the callback. stop() waits this long for them to show up.
 SETTLE_SECONDS = 0.05
 
 
@@ -169,22 +170,34 @@ class Consumer:
             if self.in_flight == 0:
                 self._idle.set()
 
+    async def _handle(
+        self, body: dict[str, Any], message: AbstractIncomingMessage
+    ) -> None:
+        """Run the handler, retrying transient faults in process with backoff."""
+        try:
+            await self.handler(body, message)
+            return
+        except Exception as exc:
+            if not _is_transient(exc) or self.attempts <= 1:
+                raise
+        # The retrying machinery is built only for the rare message that needs it.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_is_transient),
+            stop=stop_after_attempt(self.attempts - 1),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                await self.handler(body, message)
+
     async def _process(self, message: AbstractIncomingMessage) -> None:
-        bound = log.bind(queue=self.queue_name, message_id=message.message_id)
         try:
             body = orjson.loads(message.body)
             if not isinstance(body, dict):
                 raise PermanentMessageError(
                     "malformed", "message body is not a JSON object"
                 )
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_is_transient),
-                stop=stop_after_attempt(self.attempts),
-                wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
-                reraise=True,
-            ):
-                with attempt:
-                    await self.handler(body, message)
+            await self._handle(body, message)
         except orjson.JSONDecodeError:
             await self._dead_letter(
                 message, "malformed", "message body is not valid JSON"
@@ -196,7 +209,12 @@ class Consumer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            bound.warning("message.requeued", error=repr(exc))
+            log.warning(
+                "message.requeued",
+                queue=self.queue_name,
+                message_id=message.message_id,
+                error=repr(exc),
+            )
             # reject counts towards the delivery limit on every RabbitMQ version.
             await message.reject(requeue=True)
             metrics.MESSAGES_FAILED.labels(self.queue_name).inc()
@@ -213,10 +231,8 @@ class Consumer:
         headers[topology.ERROR_HEADER] = detail[:1000]
         headers[topology.ORIGINAL_EXCHANGE_HEADER] = message.exchange or ""
         headers[topology.ORIGINAL_ROUTING_KEY_HEADER] = message.routing_key or ""
-        now = int(time.time())
         headers[DEATH_COUNT_HEADER] = _as_int(headers.get(DEATH_COUNT_HEADER)) + 1
-        headers.setdefault(FIRST_DEATH_HEADER, now)
-        headers[LAST_DEATH_HEADER] = now
+        headers.setdefault(FIRST_DEATH_HEADER, int(time.time()))
         await self.broker.publish(
             self.broker.topology.dead_letter,
             self.queue_name,

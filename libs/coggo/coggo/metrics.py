@@ -15,12 +15,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
     "coggo_http_requests_total",
-    "HTTP requests answered, by route template and status code",
+    "HTTP requests handled, by route template and status code",
     ["route", "status"],
 )
 HTTP_LATENCY = Histogram(
     "coggo_http_request_seconds",
-    "Time to answer an HTTP request",
+    "Time to handle an HTTP request",
     ["route"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
@@ -60,7 +60,7 @@ OUTBOX_BACKLOG = Gauge(
     "Outbox rows waiting to be published, sampled by the relay of this process",
 )
 
-# SOAP pushes. `result` is one of: sent (the PIMS answered 2xx), retry (the
+# SOAP pushes. `result` is one of: sent (the PIMS returned 2xx), retry (the
 # attempt failed and another is scheduled), failed (the last attempt failed).
 PUSH_ATTEMPTS = Counter(
     "coggo_push_attempts_total",
@@ -75,6 +75,13 @@ RECONCILE_SECONDS = Histogram(
     ["result"],
     buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
+
+# Series for every known result exist from the start, at zero, so that a rate
+# over them is defined before the first push or reconciliation.
+for _result in ("sent", "retry", "failed"):
+    PUSH_ATTEMPTS.labels(_result)
+for _result in ("completed", "failed"):
+    RECONCILE_SECONDS.labels(_result)
 
 # The relay samples the backlog at most this often, so that a large backlog
 # does not add a full count(*) to every batch it publishes.

@@ -2,7 +2,7 @@
 
 /healthz returns 200 while the process runs its event loop, so a liveness probe
 restarts only a stuck process. /readyz returns 200 only while every dependency
-check passes (PostgreSQL answers a query, the RabbitMQ connection is open), and
+check passes (PostgreSQL runs a query, the RabbitMQ connection is open), and
 503 with the failing checks otherwise. /metrics is the Prometheus text format of
 the process's default registry.
 """
@@ -68,7 +68,7 @@ def service_readiness(pool: asyncpg.Pool, broker: Broker) -> ReadinessCheck:
 
 
 async def check_database(pool: asyncpg.Pool) -> bool:
-    """Return True when PostgreSQL answers a query within a short timeout."""
+    """Return True when PostgreSQL runs a query within DATABASE_CHECK_TIMEOUT_SECONDS."""
     try:
         async with asyncio.timeout(DATABASE_CHECK_TIMEOUT_SECONDS):
             return bool(await pool.fetchval("SELECT 1"))

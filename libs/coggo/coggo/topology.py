@@ -29,6 +29,7 @@ SOAP_PUSH_QUEUE = "coggo.soap-push"
 # Redeliveries before the broker dead-letters a message. Consumers retry
 # transient faults in process first, so reaching this means something is wrong.
 DELIVERY_LIMIT = 10
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
 
 # Headers of our own: the broker rewrites x-death, so we keep our counts here.
 REASON_HEADER = "x-coggo-reason"
@@ -36,6 +37,14 @@ ERROR_HEADER = "x-coggo-error"
 ORIGINAL_EXCHANGE_HEADER = "x-coggo-original-exchange"
 ORIGINAL_ROUTING_KEY_HEADER = "x-coggo-original-routing-key"
 REPLAY_COUNT_HEADER = "x-coggo-replay-count"
+
+
+def dead_letter_queue_arguments() -> dict[str, Any]:
+    # RabbitMQ 4.0 to 4.2 give quorum queues a default delivery limit of 20,
+    # and reading a dead letter without acknowledging it (coggo-dlq list and
+    # show) counts as a delivery there. A limit this high keeps dead letters
+    # where they are instead of dropping them.
+    return {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,7 @@ class Topology:
             dead_letters = await channel.declare_queue(
                 spec.dead_letter_queue,
                 durable=True,
-                arguments={"x-queue-type": "quorum"},
+                arguments=dead_letter_queue_arguments(),
             )
             await dead_letters.bind(exchanges[self.dead_letter], routing_key=spec.name)
 

@@ -54,7 +54,7 @@ async def database() -> AsyncIterator[asyncpg.Connection]:
     connection = await connect()
     try:
         yield connection
-    except asyncpg.UndefinedTableError as exc:
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
         raise AdminError(
             f"the database schema is missing or out of date ({exc}): run "
             "`coggo-admin db upgrade`"

@@ -229,7 +229,7 @@ async def integration_plan(args: argparse.Namespace) -> int:
     effect = (
         "the Partner API is available to the clinic"
         if enabled
-        else "/ping and /webhooks answer 402"
+        else "/ping and /webhooks return 402"
     )
     emit(
         args,
@@ -380,7 +380,7 @@ def register(groups: Any) -> None:
 
     pause = verbs.add_parser(
         "pause",
-        help="pause: /webhooks answers 402 and /ping reports status paused",
+        help="pause: /webhooks returns 402 and /ping reports status paused",
     )
     pause.set_defaults(run=integration_pause)
 
@@ -390,7 +390,7 @@ def register(groups: Any) -> None:
     plan = verbs.add_parser(
         "plan",
         help="turn the clinic's Partner API plan flag on or off "
-        "(off: /ping and /webhooks answer 402)",
+        "(off: /ping and /webhooks return 402)",
     )
     plan.add_argument("state", choices=("on", "off"), help="the new plan flag")
     plan.set_defaults(run=integration_plan)

@@ -93,16 +93,16 @@ async def _select_keys(
     keys = await list_api_keys(connection, integration_id)
     if args.key_id is not None:
         return [key for key in keys if str(key.key_id) == args.key_id]
-    given: str = args.prefix.removesuffix("…")
-    if len(given) > len(key_prefix(given)):
+    prefix: str = args.prefix.removesuffix("…")
+    if len(prefix) > len(key_prefix(prefix)):
         # A whole key was given: match it exactly by its hash.
         key_id = await connection.fetchval(
             "SELECT id FROM api_keys WHERE integration_id = $1 AND key_hash = $2",
             integration_id,
-            hash_api_key(given),
+            hash_api_key(prefix),
         )
         return [key for key in keys if key.key_id == key_id]
-    return [key for key in keys if key.prefix == given]
+    return [key for key in keys if key.prefix == prefix]
 
 
 async def key_revoke(args: argparse.Namespace) -> int:

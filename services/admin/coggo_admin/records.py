@@ -161,7 +161,7 @@ async def push_show(args: argparse.Namespace) -> int:
                 "the pushes table has no note_id or clinic_id column: this "
                 "coggo-admin does not match the database schema; upgrade both"
             )
-        shown = [name for name, kind in columns.items() if kind not in _HIDDEN_TYPES]
+        visible = [name for name, kind in columns.items() if kind not in _HIDDEN_TYPES]
         conditions = ["clinic_id = $1", "note_id::text = $2"]
         values: list[Any] = [args.clinic_id, args.note_id]
         if args.version is not None:
@@ -173,7 +173,7 @@ async def push_show(args: argparse.Namespace) -> int:
             values.append(str(args.version))
         order = "version" if "version" in columns else "1"
         # Column names come from information_schema, quoted; values are parameters.
-        select = ", ".join(f'"{name}"' for name in shown)
+        select = ", ".join(f'"{name}"' for name in visible)
         rows = await connection.fetch(
             f"SELECT {select} FROM pushes WHERE {' AND '.join(conditions)} "
             f"ORDER BY {order}",
@@ -185,7 +185,7 @@ async def push_show(args: argparse.Namespace) -> int:
             + (f" with version {args.version}" if args.version is not None else "")
             + ": check the note id Coggo sent in the soap.push command"
         )
-    pushes = [{name: _plain(row[name]) for name in shown} for row in rows]
+    pushes = [{name: _plain(row[name]) for name in visible} for row in rows]
     lines: list[str] = []
     for push in pushes:
         lines += [*_lines(push), ""]

@@ -1,0 +1,1 @@
+"""coggo-dlq: list, show, replay and purge dead-lettered messages."""

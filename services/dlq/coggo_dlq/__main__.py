@@ -17,7 +17,7 @@ from typing import Any
 import aio_pika
 from coggo.logs import configure_logging
 from coggo.settings import get_settings
-from coggo.topology import Topology
+from coggo.topology import QueueSpec, Topology
 
 from coggo_dlq.letters import DeadLetter, describe_body, plain_headers
 from coggo_dlq.queue import DeadLetterQueue, DeadLetterQueueMissing, Outcome
@@ -36,7 +36,7 @@ def emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> No
         print("\n".join(lines))
 
 
-def queue_spec(args: argparse.Namespace, topology: Topology) -> Any:
+def queue_spec(args: argparse.Namespace, topology: Topology) -> QueueSpec:
     base = args.queue.removesuffix(".dlq")
     if base not in WORK_QUEUES:
         raise CliError(
@@ -129,7 +129,10 @@ async def run_show(args: argparse.Namespace, dlq: DeadLetterQueue) -> int:
         "headers": plain_headers(dict(message.headers or {})),
         "body": describe_body(message.body),
     }
-    lines = [f"{name + ':':<14} {value}" for name, value in letter.summary().items()]
+    lines = [
+        f"{name + ':':<14} {'-' if value is None else value}"
+        for name, value in letter.summary().items()
+    ]
     lines += ["headers:"] + [
         f"  {name}: {value}" for name, value in data["headers"].items()
     ]

@@ -1,4 +1,4 @@
-"""What a dead letter says about itself: why it died, how often, and where it came from.
+"""The history a dead letter carries in its headers: why it died, how often, and where from.
 
 Two mechanisms put messages in `<queue>.dlq`, and their headers differ:
 
@@ -9,8 +9,17 @@ Two mechanisms put messages in `<queue>.dlq`, and their headers differ:
   (`rejected`), exceeded the queue's delivery limit (`delivery_limit`), expired
   or overflowed, and records that in `x-death`, newest entry first.
 
-A message that was replayed and died again carries both. Its current reason is
-the one of the newer death, compared by time.
+A message that was replayed and died again may carry both. A dead letter
+leaves its queue only by a replay (or a purge), so between two replays a
+message dies once. Its current reason is therefore the consumer's when the
+consumer's death count grew since the last replay, and the broker's otherwise.
+The replay records that count in `x-coggo-replayed-death-count`, so no clocks
+are compared.
+
+RabbitMQ 3.x keeps the x-death entries a replayed copy carries and adds to
+them; RabbitMQ 4 replaces them with its own (x-headers belong to the broker).
+So the death count is at least the number of replays plus one, and the first
+death time is carried in `x-coggo-first-death-at` once a message is replayed.
 """
 
 from __future__ import annotations
@@ -22,12 +31,15 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from coggo import topology
-from coggo.consumer import DEATH_COUNT_HEADER, FIRST_DEATH_HEADER, LAST_DEATH_HEADER
+from coggo.consumer import DEATH_COUNT_HEADER, FIRST_DEATH_HEADER
 
 # Per-delivery counters the broker adds when a quorum queue delivers a message.
 # They describe reads of the dead-letter queue, not the message, so a replayed
 # copy leaves them out.
 DELIVERY_HEADERS = frozenset({"x-delivery-count", "x-acquired-count"})
+
+# The consumer death count of a message when it was last replayed.
+REPLAYED_DEATH_COUNT_HEADER = "x-coggo-replayed-death-count"
 
 
 def _text(value: Any) -> str | None:
@@ -120,6 +132,9 @@ class DeadLetter:
             if name not in DELIVERY_HEADERS
         }
         headers[topology.REPLAY_COUNT_HEADER] = self.replay_count + 1
+        headers[REPLAYED_DEATH_COUNT_HEADER] = _consumer_deaths(headers)
+        if self.first_death_at is not None:
+            headers.setdefault(FIRST_DEATH_HEADER, int(self.first_death_at.timestamp()))
         return headers
 
     def matches(
@@ -131,13 +146,13 @@ class DeadLetter:
         reason: str | None = None,
     ) -> bool:
         """Return True when every given filter equals this letter's value."""
-        wanted = (
+        filters = (
             (message_id, self.message_id),
             (event_type, self.event_type),
             (clinic_id, self.clinic_id),
             (reason, self.reason),
         )
-        return all(value is None or value == actual for value, actual in wanted)
+        return all(value is None or value == actual for value, actual in filters)
 
 
 def _body_fields(body: bytes) -> tuple[str | None, str | None]:
@@ -150,26 +165,28 @@ def _body_fields(body: bytes) -> tuple[str | None, str | None]:
     return _text(parsed.get("type")), _text(parsed.get("clinicId"))
 
 
+def _consumer_deaths(headers: dict[str, Any]) -> int:
+    count = _count(headers.get(DEATH_COUNT_HEADER))
+    # A consumer dead letter from before the count header existed.
+    if count == 0 and topology.REASON_HEADER in headers:
+        return 1
+    return count
+
+
 def _reason(headers: dict[str, Any], deaths: list[dict[str, Any]]) -> str:
     ours = _text(headers.get(topology.REASON_HEADER))
     broker = _text(deaths[0].get("reason")) if deaths else None
-    if ours is None or broker is None:
-        return ours or broker or "unknown"
-    # Both died: the newer death decides. Without our timestamp (a message
-    # dead-lettered before that header existed) our own reason is kept.
-    ours_at = _time(headers.get(LAST_DEATH_HEADER))
-    broker_at = _time(deaths[0].get("time"))
-    if ours_at is not None and broker_at is not None and broker_at > ours_at:
-        return broker
-    return ours
+    at_replay = _count(headers.get(REPLAYED_DEATH_COUNT_HEADER))
+    if ours is not None and _consumer_deaths(headers) > at_replay:
+        return ours
+    return broker or ours or "unknown"
 
 
 def _death_count(headers: dict[str, Any], deaths: list[dict[str, Any]]) -> int:
-    broker = sum(_count(entry.get("count")) for entry in deaths)
-    ours = _count(headers.get(DEATH_COUNT_HEADER))
-    if ours == 0 and topology.REASON_HEADER in headers:
-        ours = 1
-    return broker + ours
+    counted = sum(_count(entry.get("count")) for entry in deaths)
+    counted += _consumer_deaths(headers)
+    replays = _count(headers.get(topology.REPLAY_COUNT_HEADER))
+    return max(counted, replays + 1)
 
 
 def _origin(

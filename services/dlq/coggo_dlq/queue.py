@@ -1,22 +1,20 @@
 """Reading, replaying and purging one dead-letter queue.
 
 Reading: messages are taken with basic.get without acknowledgement, one at a
-time, up to the number the queue held when the command started, so messages
+time, up to the number the queue contained when the command started, so messages
 that die again during a replay are not read a second time. Every message not
 chosen stays unacknowledged until the end and is then returned with
 basic.nack(requeue=True), in the order it was read, which keeps the queue's
 order. If the process dies, the broker returns them when the connection drops.
-Messages another client holds unacknowledged are not seen.
+Messages that another client keeps unacknowledged are not seen.
 
 Replaying: the copy is published persistent and mandatory on a channel with
 publisher confirms, and the dead letter is acknowledged only after the broker
 confirmed the copy. A crash at any moment leaves each message in the
 dead-letter queue, in its work queue, or in both, never in neither.
 
-NOTE: each read of a quorum queue counts as a delivery. RabbitMQ 4.0 to 4.2
-count a requeue towards a delivery limit, 20 by default, and a dead-letter
-queue without a dead-letter exchange of its own drops a message that exceeds
-it, so on those versions only about 20 reads of a message are safe.
+Each read counts as a delivery on RabbitMQ 4.0 to 4.2, which is why the
+topology declares the dead-letter queues with a delivery limit of one million.
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ class DeadLetterQueueMissing(Exception):
 
 @dataclass
 class Outcome:
-    """What a replay or purge did, message by message."""
+    """The result of a replay or purge, message by message."""
 
     scanned: int = 0
     selected: list[DeadLetter] = field(default_factory=list)
@@ -96,7 +94,7 @@ class DeadLetterQueue:
     ) -> AsyncIterator[AsyncIterator[DeadLetter]]:
         """Yield the queue's messages; those not acknowledged are returned at the end."""
         channel = await self.connection.channel()
-        held: list[AbstractIncomingMessage] = []
+        unsettled: list[AbstractIncomingMessage] = []
         try:
             queue = await self._open(channel)
             available = queue.declaration_result.message_count or 0
@@ -108,20 +106,21 @@ class DeadLetterQueue:
                     message = await queue.get(no_ack=False, fail=False)
                     if message is None:
                         return
-                    held.append(message)
+                    unsettled.append(message)
                     yield DeadLetter.from_message(message, self.spec.name)
 
             yield letters()
         finally:
-            await self._return_unsettled(channel, held)
+            await self._return_unsettled(channel, unsettled)
 
     async def _return_unsettled(
-        self, channel: AbstractChannel, held: list[AbstractIncomingMessage]
+        self, channel: AbstractChannel, unsettled: list[AbstractIncomingMessage]
     ) -> None:
-        # basic.nack with requeue, not a channel close: RabbitMQ 4.3 counts a
-        # requeue by nack towards no delivery limit, but a return on close.
+        # basic.nack with requeue, not a channel close: RabbitMQ 4.3 does not
+        # count a requeue by nack towards the delivery limit, but does count a
+        # return on channel close.
         with contextlib.suppress(Exception):
-            for message in held:
+            for message in unsettled:
                 if not message.processed:
                     await message.nack(requeue=True)
         await _close(channel)
@@ -191,7 +190,7 @@ class DeadLetterQueue:
                         continue
                     problem = await publisher.check_target(letter)
                     if problem is not None:
-                        outcome.failed.append((letter, problem))
+                        fail(letter, problem)
                         continue
                     if rate:
                         await _pace(started, len(outcome.selected), rate)
@@ -201,7 +200,7 @@ class DeadLetterQueue:
                     task.add_done_callback(tasks.discard)
             finally:
                 # Every copy in flight is confirmed or failed before the
-                # messages still held are returned to the queue.
+                # messages still unsettled are returned to the queue.
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 await publisher.close()

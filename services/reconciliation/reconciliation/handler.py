@@ -6,9 +6,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from coggo import metrics
 from coggo.errors import PermanentMessageError
-from coggo.topology import RECONCILIATION_QUEUE
 from pydantic import ValidationError
 
 from reconciliation.appointments import handle_reconcile
@@ -55,7 +53,6 @@ class CommandHandler:
                 await handle_refresh(self.worker, command)
             else:
                 await handle_import(self.worker, command, message)
-        metrics.MESSAGES_PROCESSED.labels(RECONCILIATION_QUEUE).inc()
 
 
 def _parse(body: dict[str, Any], message: AbstractIncomingMessage) -> Command:
