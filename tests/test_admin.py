@@ -752,6 +752,9 @@ async def test_species_map_resolves_waiting_patients(env: Env) -> None:
         ("pat_2", "equine", True),
         ("pat_3", None, False),
     ]
+    announced = await env.pool.fetch("SELECT exchange, routing_key FROM outbox")
+    assert [row["routing_key"] for row in announced] == ["patient.upserted"] * 2
+    assert {row["exchange"] for row in announced} == {env.topology.events}
     entry = await env.pool.fetchrow(
         "SELECT label, species, manual FROM species_map WHERE pims_key = '7'"
     )

@@ -13,6 +13,8 @@ from typing import Any
 
 from coggo.pipeline.species import SYNONYMS, species_by_name
 from coggo.pipeline.upsert import resolve_pending_species
+from coggo.settings import get_settings
+from coggo.topology import Topology
 
 from coggo_admin.common import (
     AdminError,
@@ -117,7 +119,10 @@ async def species_map(args: argparse.Namespace) -> int:
                 key,
                 species,
             )
-            resolved = await resolve_pending_species(connection, args.clinic_id)
+            # The patients resolved here are announced like any other change;
+            # a running service's outbox relay publishes the events.
+            events = Topology(get_settings().topology_prefix).events
+            resolved = await resolve_pending_species(connection, args.clinic_id, events)
     emit(
         args,
         {

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 
 import asyncpg
 import structlog
-from coggo.broker import Broker
 from coggo.consumer import Consumer
 from coggo.credentials import SecretBox
-from coggo.db import create_pool
-from coggo.ops import check_database, serve_ops
 from coggo.outbound import OutboundClient
-from coggo.outbox import OutboxRelay
+from coggo.runtime import WorkerRuntime
 from coggo.service import run_service
 from coggo.settings import Settings
-from coggo.topology import SOAP_PUSH_QUEUE, Topology
+from coggo.topology import SOAP_PUSH_QUEUE
 
 from soap_push.delivery import TargetCache
 from soap_push.dispatcher import Dispatcher
@@ -27,9 +23,6 @@ from soap_push.retry import RetryPolicy
 from soap_push.store import PushStore
 
 log = structlog.get_logger(__name__)
-
-# Time the outbox relay gets to publish the last events at shutdown.
-RELAY_STOP_SECONDS = 10.0
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
@@ -56,14 +49,15 @@ async def serve(
     options = options if options is not None else PushOptions()
     policy = policy if policy is not None else options.retry_policy()
     box = SecretBox.from_settings(settings)
-    topology = Topology(settings.topology_prefix)
-    pool = await create_pool(
-        settings.database_url, size=settings.db_pool_size, reset=_keep_session
+    runtime = await WorkerRuntime.start(
+        settings, "coggo-soap-push", reset=_keep_session
     )
-    broker = Broker(settings.amqp_url, topology, name="coggo-soap-push")
-    maintaining = asyncio.create_task(broker.maintain())
-    relay = OutboxRelay(pool, broker)
-    relaying = asyncio.create_task(relay.run())
+    pool, broker, relay, topology = (
+        runtime.pool,
+        runtime.broker,
+        runtime.relay,
+        runtime.topology,
+    )
     client = OutboundClient(
         allow_private=settings.allow_private_targets,
         timeout=options.timeout_seconds,
@@ -89,13 +83,7 @@ async def serve(
     )
     await consumer.start()
 
-    ops = None
-    if settings.metrics_port:
-
-        async def readiness() -> dict[str, bool]:
-            return {"database": await check_database(pool), "broker": broker.connected}
-
-        ops = await serve_ops(settings.ingress_host, settings.metrics_port, readiness)
+    await runtime.serve_ops()
 
     await stop.wait()
     log.info("soap_push.stopping", in_flight=dispatcher.in_flight)
@@ -104,30 +92,8 @@ async def serve(
     await consumer.stop()
     await dispatcher.stop(timeout=options.timeout_seconds + 5.0)
     await dispatching
-    relay.stop()
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(relaying, RELAY_STOP_SECONDS)
-    await _publish_remaining_events(relay)
-    if ops is not None:
-        await ops.cleanup()
+    await runtime.close()
     await client.close()
-    await broker.close()
-    maintaining.cancel()
-    await pool.close()
-
-
-async def _publish_remaining_events(relay: OutboxRelay) -> None:
-    """Publish the events of the last attempts, which the stopped relay left behind.
-
-    Whatever is not published here stays in the outbox, and the relay of any
-    service that runs next publishes it.
-    """
-    try:
-        async with asyncio.timeout(RELAY_STOP_SECONDS):
-            while await relay.drain_once():
-                pass
-    except Exception as exc:
-        log.warning("soap_push.events_left_in_outbox", error=repr(exc))
 
 
 def main(argv: list[str] | None = None) -> None:
