@@ -288,13 +288,14 @@ async def test_list_limit(env: Env, amqp: AbstractConnection) -> None:
     assert len(limited["messages"]) == 2
 
 
-async def test_show_unknown_id_exits_1(env: Env, amqp: AbstractConnection) -> None:
+async def test_show_unknown_id_exits_2(env: Env, amqp: AbstractConnection) -> None:
     channel = await amqp.channel()
     _, dead = _names(env)
     await _seed(env, channel, 3)
     result = await dlq(env, "show", "--queue", QUEUE, "m99")
-    assert result.code == 1
-    assert "no message with id 'm99'" in result.stderr
+    assert result.code == 2
+    assert "coggo-dlq: error: no message with id 'm99'" in result.stderr
+    assert f"--queue {QUEUE}`" in result.stderr
     assert await _count(channel, dead) == 3
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import date
 
 import pytest
-
 from coggo.errors import PermanentMessageError
+
 from tests.support.events import appointment_event
 from tests.support.pipeline import apply, row, snapshot, types, visit
 from tests.support.stack import Env
@@ -516,7 +516,7 @@ async def test_legacy_species_names_and_synonyms(
 
 
 async def test_unmapped_species_kept_and_resolved_later(env: Env) -> None:
-    from coggo.pipeline.upsert import resolve_pending_species  # noqa: PLC0415
+    from coggo.pipeline.upsert import resolve_pending_species
 
     events = await apply(env.pool, patient_event("e1", speciesKey="42"))
     patient = await row(env.pool, "patients", "pat_1")
@@ -529,7 +529,9 @@ async def test_unmapped_species_kept_and_resolved_later(env: Env) -> None:
         "INSERT INTO species_map (clinic_id, pims_key, label, species, manual) VALUES ('clinic-1', '42', 'Hedgehog', 'rodent', true)"
     )
     async with env.pool.acquire() as connection, connection.transaction():
-        assert await resolve_pending_species(connection, "clinic-1", "coggo.events") == 1
+        assert (
+            await resolve_pending_species(connection, "clinic-1", "coggo.events") == 1
+        )
     announced = await env.pool.fetch("SELECT routing_key, body FROM outbox")
     assert [row["routing_key"] for row in announced] == ["patient.upserted"]
     assert b'"speciesResolved":true' in announced[0]["body"]

@@ -204,7 +204,10 @@ async def refresh_species(env: dict[str, str], clinic_id: str) -> None:
 
 
 async def reconcile(env: dict[str, str], clinic_id: str) -> None:
-    say("reconciling the next 7 days of appointments with the reference PIMS")
+    say(
+        "reconciling the next 7 days of appointments with the reference PIMS; "
+        "its copy of apt_1029 is dated tomorrow, so that visit moves"
+    )
     result = await admin(
         env, "reconcile", "--clinic-id", clinic_id, "--days", "7", "--wait"
     )

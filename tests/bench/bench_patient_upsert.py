@@ -124,7 +124,7 @@ async def drain_with_consumers(settings: Any, count: int) -> tuple[float, list[i
     profiler = None
     if os.environ.get("COGGO_BENCH_PROFILE"):
         # py-spy samples the first consumer while it drains.
-        profiler = subprocess.Popen(  # noqa: S603, ASYNC220
+        profiler = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "py-spy"),
                 "record",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
-
 from coggo.pipeline.upsert import EventContext, apply_event
 from coggo.schemas.bus import DomainEvent
 from coggo.schemas.partner import EventType, WebhookEvent, parse_event_data

@@ -108,12 +108,10 @@ async def run_show(args: argparse.Namespace, dlq: DeadLetterQueue) -> int:
         raise CliError("give the message id: coggo-dlq show --queue QUEUE ID")
     letter = await dlq.find(message_id)
     if letter is None:
-        print(
-            f"coggo-dlq: no message with id {message_id!r} in {dlq.name}: list the "
-            f"ids with `coggo-dlq list --queue {dlq.spec.name}`",
-            file=sys.stderr,
+        raise CliError(
+            f"no message with id {message_id!r} in {dlq.name}: list the ids with "
+            f"`coggo-dlq list --queue {args.queue}`"
         )
-        return 1
     message = letter.message
     data = {
         **letter.summary(),
