@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -31,6 +33,18 @@ OnConnect = Callable[[AbstractConnection], Awaitable[None]]
 
 class BrokerUnavailable(ConnectionError):
     pass
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One message for `Broker.publish_many`."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    headers: dict[str, Any] | None = None
+    mandatory: bool = True
 
 
 class Broker:
@@ -176,6 +190,55 @@ class Broker:
                 mandatory=mandatory,
                 timeout=PUBLISH_TIMEOUT_SECONDS,
             )
+        except (
+            aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+            TimeoutError,
+        ):
+            # The link is gone or stuck: drop it so the next publish reconnects.
+            async with self._lock:
+                await self._discard()
+            raise
+
+    async def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Publish persistent JSON messages and wait until the broker confirmed all.
+
+        Behaves like `publish` for each message, with less work per message:
+        it publishes on the channel's aiormq channel directly and does not
+        wait for each frame to reach the socket, only for the confirms. Raises
+        the first error if any message was not confirmed.
+        """
+        if not messages:
+            return
+        if not self.connected:
+            await self.connect(attempts=1)
+        assert self._channel is not None
+        try:
+            # `wait` is a parameter of aiormq's Channel, not of its abstract class.
+            channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+            results = await asyncio.gather(
+                *(
+                    channel.basic_publish(
+                        message.body,
+                        exchange=message.exchange,
+                        routing_key=message.routing_key,
+                        properties=aiormq.spec.Basic.Properties(
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
+                            message_id=message.message_id,
+                            headers=message.headers or {},
+                        ),
+                        mandatory=message.mandatory,
+                        timeout=PUBLISH_TIMEOUT_SECONDS,
+                        wait=False,
+                    )
+                    for message in messages
+                ),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         except (
             aio_pika.exceptions.ChannelInvalidStateError,
             ConnectionError,

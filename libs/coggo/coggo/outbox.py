@@ -15,17 +15,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 
 from coggo import metrics
-from coggo.broker import Broker
+from coggo.broker import Broker, OutgoingMessage
 from coggo.schemas.bus import DomainEvent
 
 log = structlog.get_logger(__name__)
 
+SHUTDOWN_DRAIN_SECONDS = 5.0
+
 INSERT_SQL = """
 INSERT INTO outbox (exchange, routing_key, message_id, body, headers, mandatory)
-VALUES ($1, $2, $3, $4, $5, $6)
+VALUES ($1, $2, $3, $4, $5::text::jsonb, $6)
 """
 
 
@@ -41,7 +44,13 @@ async def enqueue(
 ) -> None:
     """Add one message to the outbox inside the caller's transaction."""
     await connection.execute(
-        INSERT_SQL, exchange, routing_key, message_id, body, headers or {}, mandatory
+        INSERT_SQL,
+        exchange,
+        routing_key,
+        message_id,
+        body,
+        orjson.dumps(headers or {}).decode(),
+        mandatory,
     )
 
 
@@ -53,7 +62,7 @@ async def enqueue_events(
         await connection.executemany(
             INSERT_SQL,
             [
-                (exchange, event.type, event.id, event.to_bytes(), {}, False)
+                (exchange, event.type, event.id, event.to_bytes(), "{}", False)
                 for event in events
             ],
         )
@@ -89,6 +98,8 @@ class OutboxRelay:
     async def run(self) -> None:
         failures = 0
         while not self._stopping:
+            # Cleared before the drain, so a notify() during it is not lost.
+            self._wake.clear()
             try:
                 count = await self.drain_once()
                 failures = 0
@@ -107,9 +118,12 @@ class OutboxRelay:
                 continue
             if count >= self.batch_size:
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+        # Publish what was written just before the stop; what fails here waits
+        # in the outbox for any other replica, or for the next start.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.drain_once(), SHUTDOWN_DRAIN_SECONDS)
 
     async def drain_once(self) -> int:
         """Publish one batch of pending rows; return how many were published."""
@@ -126,9 +140,9 @@ class OutboxRelay:
             )
             if not rows:
                 return 0
-            await asyncio.gather(
-                *(
-                    self.broker.publish(
+            await self.broker.publish_many(
+                [
+                    OutgoingMessage(
                         row["exchange"],
                         row["routing_key"],
                         row["body"],
@@ -137,7 +151,7 @@ class OutboxRelay:
                         mandatory=row["mandatory"],
                     )
                     for row in rows
-                )
+                ]
             )
             await connection.execute(
                 "DELETE FROM outbox WHERE id = ANY($1::bigint[])",

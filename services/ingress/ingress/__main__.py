@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 
+import asyncpg
 import structlog
 from aiohttp import web
 from coggo.broker import Broker
@@ -24,7 +25,13 @@ log = structlog.get_logger(__name__)
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     box = SecretBox.from_settings(settings)
     topology = Topology(settings.topology_prefix)
-    pool = await create_pool(settings.database_url, size=settings.db_pool_size)
+    # The ingress never changes session state (no SET, LISTEN, advisory locks
+    # or cursors), so the pool skips the reset query that asyncpg would send on
+    # every release, a round trip per query. An open transaction is still
+    # rolled back on release.
+    pool = await create_pool(
+        settings.database_url, size=settings.db_pool_size, reset=_keep_session
+    )
     broker = Broker(settings.amqp_url, topology, name="coggo-ingress")
     relay = OutboxRelay(pool, broker)
     ingress = Ingress(pool=pool, broker=broker, topology=topology, box=box, relay=relay)
@@ -32,6 +39,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     # The ingress takes events while RabbitMQ is down: they wait in the outbox.
     connecting = asyncio.create_task(broker.maintain())
     relaying = asyncio.create_task(relay.run())
+    refreshing = asyncio.create_task(ingress.keys.run())
 
     runner = web.AppRunner(build_app(ingress), access_log=None, shutdown_timeout=10)
     await runner.setup()
@@ -47,12 +55,17 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     log.info("ingress.stopping")
     # Stop taking requests first; requests in flight finish within shutdown_timeout.
     await runner.cleanup()
+    refreshing.cancel()
     relay.stop()
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
         await asyncio.wait_for(relaying, 10)
     connecting.cancel()
     await broker.close()
     await pool.close()
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Return a connection to the pool as it is."""
 
 
 def main(argv: list[str] | None = None) -> None:

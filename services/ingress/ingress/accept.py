@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -23,34 +24,67 @@ from coggo.schemas.partner import (
     WebhookEvent,
     parse_event_data,
 )
-from coggo.topology import Topology
 from coggo.validation import describe_validation_error
 from pydantic import ValidationError
 
-# One statement, so one round trip: the event row (the idempotency key) and its
-# outbox row commit together or not at all.
+# One statement, so one round trip, for a whole batch of events: the event
+# rows (the idempotency keys) and their outbox rows commit together or not at
+# all. Rows are inserted in key order, so two batches that share a key wait
+# for each other instead of deadlocking. The outbox INSERT runs even though
+# the final SELECT does not read it, as every data-modifying WITH does.
 _STORE = """
-WITH event AS (
+WITH incoming AS (
+    SELECT * FROM unnest(
+        $1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bytea[]
+    ) AS t (id, clinic_id, event_id, event_type, content_hash, body)
+),
+event AS (
     INSERT INTO inbound_events (id, clinic_id, event_id, event_type, content_hash)
-    VALUES ($1, $2, $3, $4, $5)
+    SELECT id, clinic_id, event_id, event_type, content_hash
+    FROM incoming ORDER BY clinic_id, event_id
     ON CONFLICT (clinic_id, event_id) DO NOTHING
     RETURNING id
+),
+queued AS (
+    INSERT INTO outbox (exchange, routing_key, message_id, body)
+    SELECT $7, incoming.event_type, incoming.id::text, incoming.body
+    FROM incoming JOIN event ON event.id = incoming.id
 )
-INSERT INTO outbox (exchange, routing_key, message_id, body)
-SELECT $6, $4, $1::text, $7 FROM event
-RETURNING id
+SELECT id FROM event
 """
 
-_EXISTING_HASH = """
-SELECT content_hash FROM inbound_events WHERE clinic_id = $1 AND event_id = $2
+_EXISTING_HASHES = """
+SELECT e.clinic_id, e.event_id, e.content_hash
+FROM unnest($1::text[], $2::text[]) AS k (clinic_id, event_id)
+JOIN inbound_events e ON e.clinic_id = k.clinic_id AND e.event_id = k.event_id
 """
+
+# Errors that one event of a batch can cause (invalid text such as a NUL
+# character, a deadlock); the batch is then stored again one event at a time.
+STORE_ISOLATE = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.TransactionRollbackError,
+)
+
+
+class StoreOutcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    ID_REUSED = "id_reused"
+    NOT_FOUND = "not_found"
 
 
 @dataclass(frozen=True)
-class Accepted:
-    event: WebhookEvent
-    message_id: str
-    duplicate: bool
+class EventRecord:
+    """One event ready to store: its idempotency key, content hash and bus message."""
+
+    message_id: uuid.UUID
+    clinic_id: str
+    event_id: str
+    event_type: str
+    digest: bytes
+    body: bytes
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
@@ -106,15 +140,10 @@ def content_hash(payload: dict[str, Any]) -> bytes:
     return hashlib.sha256(canonical).digest()
 
 
-async def store_event(
-    pool: asyncpg.Pool,
-    topology: Topology,
-    clinic_id: str,
-    payload: dict[str, Any],
-    event: WebhookEvent,
-) -> Accepted:
-    """Store the event and its outbox row, or recognise a repeat of it."""
-    digest = content_hash(payload)
+def prepare_record(
+    clinic_id: str, payload: dict[str, Any], event: WebhookEvent
+) -> EventRecord:
+    """Build the bus message of an accepted event and the keys to store it under."""
     message = WebhookMessage(
         id=str(uuid.uuid4()),
         type=event.type.value,
@@ -123,28 +152,75 @@ async def store_event(
         event_id=event.id,
         data=event.data,
     )
-    inserted = await pool.fetchval(
-        _STORE,
-        uuid.UUID(message.id),
-        clinic_id,
-        event.id,
-        event.type.value,
-        digest,
-        topology.webhooks,
-        message.to_bytes(),
+    return EventRecord(
+        message_id=uuid.UUID(message.id),
+        clinic_id=clinic_id,
+        event_id=event.id,
+        event_type=event.type.value,
+        digest=content_hash(payload),
+        body=message.to_bytes(),
     )
-    if inserted is not None:
-        return Accepted(event, message.id, duplicate=False)
 
-    # A conflicting insert waited for the first writer to commit, so the row is visible.
-    existing = await pool.fetchval(_EXISTING_HASH, clinic_id, event.id)
-    if existing is None:
+
+async def store_events(
+    pool: asyncpg.Pool, exchange: str, records: list[EventRecord]
+) -> list[StoreOutcome]:
+    """Store events with their outbox rows, or recognise repeats; one outcome each."""
+    async with pool.acquire() as connection:
+        inserted = {
+            row["id"]
+            for row in await connection.fetch(
+                _STORE,
+                [record.message_id for record in records],
+                [record.clinic_id for record in records],
+                [record.event_id for record in records],
+                [record.event_type for record in records],
+                [record.digest for record in records],
+                [record.body for record in records],
+                exchange,
+            )
+        }
+        repeats = [record for record in records if record.message_id not in inserted]
+        existing: dict[tuple[str, str], bytes] = {}
+        if repeats:
+            # A conflicting insert waited for the first writer to commit, so
+            # the row is visible to this new statement.
+            rows = await connection.fetch(
+                _EXISTING_HASHES,
+                [record.clinic_id for record in repeats],
+                [record.event_id for record in repeats],
+            )
+            existing = {
+                (row["clinic_id"], row["event_id"]): bytes(row["content_hash"])
+                for row in rows
+            }
+    return [_outcome(record, inserted, existing) for record in records]
+
+
+def _outcome(
+    record: EventRecord,
+    inserted: set[uuid.UUID],
+    existing: dict[tuple[str, str], bytes],
+) -> StoreOutcome:
+    if record.message_id in inserted:
+        return StoreOutcome.STORED
+    digest = existing.get((record.clinic_id, record.event_id))
+    if digest is None:
+        return StoreOutcome.NOT_FOUND
+    if digest != record.digest:
+        return StoreOutcome.ID_REUSED
+    return StoreOutcome.DUPLICATE
+
+
+def accepted(record: EventRecord, outcome: StoreOutcome) -> bool:
+    """Return whether the event is a duplicate, or raise the error of its outcome."""
+    if outcome is StoreOutcome.NOT_FOUND:
         raise ServiceUnavailable(
-            f"event id {event.id!r} could not be stored or found; retry the request"
+            f"event id {record.event_id!r} could not be stored or found; retry the request"
         )
-    if bytes(existing) != digest:
+    if outcome is StoreOutcome.ID_REUSED:
         raise EventIdReused(
-            f"event id {event.id!r} was already received with different content: "
+            f"event id {record.event_id!r} was already received with different content: "
             "give every distinct event a new id"
         )
-    return Accepted(event, message.id, duplicate=True)
+    return outcome is StoreOutcome.DUPLICATE

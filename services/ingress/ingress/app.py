@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -21,19 +22,39 @@ from coggo.errors import (
 )
 from coggo.ops import add_ops_routes, check_database
 from coggo.outbox import OutboxRelay
-from coggo.rate_limit import RateLimiter
+from coggo.rate_limit import RateLimitDecision, RateLimiter
 from coggo.signing import SignatureHeaders, verify_request
 from coggo.topology import Topology
 
-from ingress.accept import decode_body, store_event, validate_event
+from ingress.accept import (
+    STORE_ISOLATE,
+    EventRecord,
+    StoreOutcome,
+    accepted,
+    decode_body,
+    prepare_record,
+    store_events,
+    validate_event,
+)
 from ingress.auth import Caller, KeyCache, authenticate, require_webhook_access
+from ingress.batching import Batcher
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 PREFIX = "/v1/partner"
 
+# The two bodies of a 200 from POST /webhooks, encoded once.
+_RECEIVED_BODY = b'{"received": true, "duplicate": false}'
+_DUPLICATE_BODY = b'{"received": true, "duplicate": true}'
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# Batches of each kind in flight at once, each on its own pool connection.
+STORE_CONCURRENCY = 4
+RATE_LIMIT_CONCURRENCY = 1
+MAX_BATCH = 200
 
 
 @dataclass
@@ -45,9 +66,31 @@ class Ingress:
     relay: OutboxRelay
     keys: KeyCache = field(init=False)
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    rate_checks: Batcher[uuid.UUID, RateLimitDecision] = field(init=False)
+    stores: Batcher[EventRecord, StoreOutcome] = field(init=False)
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.pool, self.box)
+        self.rate_checks = Batcher(
+            self._check_rates,
+            concurrency=RATE_LIMIT_CONCURRENCY,
+            max_batch=MAX_BATCH,
+        )
+        self.stores = Batcher(
+            self._store,
+            concurrency=STORE_CONCURRENCY,
+            max_batch=MAX_BATCH,
+            isolate=STORE_ISOLATE,
+        )
+
+    async def _check_rates(self, key_ids: list[uuid.UUID]) -> list[RateLimitDecision]:
+        return await self.limiter.hit_many(self.pool, key_ids)
+
+    async def _store(self, records: list[EventRecord]) -> list[StoreOutcome]:
+        outcomes = await store_events(self.pool, self.topology.webhooks, records)
+        if StoreOutcome.STORED in outcomes:
+            self.relay.notify()
+        return outcomes
 
 
 INGRESS_KEY = web.AppKey("ingress", Ingress)
@@ -93,7 +136,7 @@ async def _caller(request: web.Request) -> Caller:
 
 
 async def _check_rate(ingress: Ingress, caller: Caller) -> None:
-    decision = await ingress.limiter.hit(ingress.pool, caller.key.key_id)
+    decision = await ingress.rate_checks.submit(caller.key.key_id)
     if not decision.allowed:
         raise RateLimited(
             f"more than {ingress.limiter.requests} requests a minute for this API key; "
@@ -157,23 +200,22 @@ async def receive_webhook(request: web.Request) -> web.Response:
     verify_request(SignatureHeaders.from_mapping(request.headers), body, caller.secrets)
 
     event = validate_event(payload)
-    accepted = await store_event(
-        ingress.pool, ingress.topology, caller.key.clinic_id, payload, event
-    )
-    if not accepted.duplicate:
-        ingress.relay.notify()
+    record = prepare_record(caller.key.clinic_id, payload, event)
+    duplicate = accepted(record, await ingress.stores.submit(record))
 
-    metrics.EVENTS_ACCEPTED.labels(
-        event.type.value, str(accepted.duplicate).lower()
-    ).inc()
+    metrics.EVENTS_ACCEPTED.labels(event.type.value, str(duplicate).lower()).inc()
     log.info(
         "webhook.accepted",
         clinic_id=caller.key.clinic_id,
         event_id=event.id,
         event_type=event.type.value,
-        duplicate=accepted.duplicate,
+        duplicate=duplicate,
     )
-    return web.json_response({"received": True, "duplicate": accepted.duplicate})
+    return web.Response(
+        body=_DUPLICATE_BODY if duplicate else _RECEIVED_BODY,
+        content_type="application/json",
+        charset="utf-8",
+    )
 
 
 def build_app(ingress: Ingress) -> web.Application:
