@@ -459,6 +459,15 @@ async def test_webhook_malformed_signature_is_401(
         ),
         (lambda e: e["data"]["client"].pop("externalId"), "data.client.externalId"),
         (lambda e: e["data"]["patient"].pop("name"), "data.patient.name"),
+        (lambda e: e.update(occurredAt=1700000000), "occurredAt"),
+        (lambda e: e.update(occurredAt="0001-01-01T00:00:00+14:00"), "occurredAt"),
+        (lambda e: e.update(occurredAt="9999-12-31T23:59:59-14:00"), "occurredAt"),
+        (lambda e: e["data"]["appointment"].update(startsAt="9999-12-31T23:59:59"), "data.appointment.startsAt"),
+        (lambda e: e["data"]["appointment"].update(timezone="localtime"), "data.appointment.timezone"),
+        (lambda e: e["data"]["appointment"].update(timezone="right/UTC"), "data.appointment.timezone"),
+        (lambda e: e["data"]["appointment"].update(durationMinutes=True), "data.appointment.durationMinutes"),
+        (lambda e: e["data"]["client"].update(firstName="Ann\u0000"), "data.client.firstName"),
+        (lambda e: e.update(id="evt\u0000x"), "id"),
     ],
 )
 async def test_webhook_invalid_field_is_400_naming_it(
@@ -632,12 +641,13 @@ async def test_unknown_route_is_404_json(ingress: HttpClient) -> None:
     response = await ingress.request("GET", "/v1/partner/nothing")
     assert response.status == 404
     assert response.body["error"] == "not_found"
+    assert "POST /v1/partner/webhooks" in response.body["detail"]
 
 
 async def test_wrong_method_is_405_json(ingress: HttpClient) -> None:
     response = await ingress.request("GET", WEBHOOKS)
     assert response.status == 405
-    assert "detail" in response.body
+    assert response.body["detail"].endswith("use POST")
 
 
 async def test_health_and_readiness(ingress: HttpClient) -> None:

@@ -680,3 +680,24 @@ async def test_unicode_names_round_trip(env: Env) -> None:
     patient = await row(env.pool, "patients", "pat_1")
     assert patient["name"] == "Zoë 🐾 Мурка"
     assert patient["breed"] == "Shiba Inu 柴犬"
+
+
+@pytest.mark.parametrize(
+    "order",
+    [("e1", "e2", "e3"), ("e3", "e2", "e1"), ("e2", "e3", "e1"), ("e1", "e3", "e2")],
+)
+async def test_same_second_cancellation_wins_any_order(env: Env, order: tuple[str, ...]) -> None:
+    second = "2026-06-12T10:00:00Z"
+    updated = appointment_event("e2", event_type="appointment.updated", occurred_at=second)
+    updated["data"]["appointment"]["status"] = "scheduled"
+    events = {
+        # The cancellation's id sorts first, so only its rank can make it win.
+        "e1": cancel_event("a_cancel", occurred_at=second),
+        "e2": updated,
+        "e3": appointment_event("z_create", occurred_at=second),
+    }
+    for name in order:
+        await apply(env.pool, events[name])
+    stored = await visit(env.pool, "apt_1")
+    assert stored is not None
+    assert stored["status"] == "cancelled"

@@ -137,3 +137,7 @@ def configure_logging(service: str, *, level: str = "info", fmt: str = "auto") -
         stream=sys.stderr,
         format="%(name)s %(levelname)s %(message)s",
     )
+    # aiohttp's server logs a malformed request with the offending line, which
+    # may hold an API key or a client's contact details, and a traceback. The
+    # client already got a 400, so these records are dropped.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)

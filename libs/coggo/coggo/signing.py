@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -72,9 +73,11 @@ def check_timestamp(raw: str, *, now: float | None = None) -> int:
     """Parse the timestamp header and check that it lies within the replay window."""
     timestamp = parse_timestamp(raw)
     current = time.time() if now is None else now
-    if abs(current - timestamp) > WINDOW_SECONDS:
+    skew = current - timestamp
+    if abs(skew) > WINDOW_SECONDS:
+        direction = "behind" if skew > 0 else "ahead of"
         raise TimestampOutOfWindow(
-            f"{TIMESTAMP_HEADER} is {int(current - timestamp)} seconds from the "
+            f"{TIMESTAMP_HEADER} is {math.ceil(abs(skew))} seconds {direction} the "
             f"current time; it must be within {WINDOW_SECONDS} seconds, so check "
             "the sender's clock and sign each attempt afresh"
         )

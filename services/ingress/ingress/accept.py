@@ -109,8 +109,36 @@ def decode_body(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def validate_event(payload: dict[str, Any]) -> WebhookEvent:
+def _nul_path(value: Any, path: str) -> str | None:
+    """Return the path of the first key or string holding a NUL character."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else key
+            if "\x00" in key:
+                return child
+            found = _nul_path(item, child)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def validate_event(payload: dict[str, Any], body: bytes) -> WebhookEvent:
     """Check the event against WebhookEvent and the rules of its type."""
+    # JSON escapes NUL as \u0000, and PostgreSQL text cannot store it.
+    if b"\\u0000" in body:
+        path = _nul_path(payload, "")
+        if path is not None:
+            raise ValidationFailed(
+                f"{path or 'body'}: contains a NUL character (\\u0000), which "
+                "PostgreSQL cannot store; remove it"
+            )
     try:
         event = WebhookEvent.model_validate(payload)
     except ValidationError as exc:

@@ -115,11 +115,14 @@ async def errors_middleware(
         response = web.json_response(
             {
                 "error": exc.reason.lower().replace(" ", "_"),
-                "detail": exc.text or exc.reason,
+                "detail": _route_detail(request, exc),
             },
             status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
         )
+    except ConnectionResetError:
+        # The client went away before the answer; there is nobody to tell.
+        raise
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error("request.storage_unavailable", route=route_name, error=repr(exc))
         response = error_response(
@@ -128,6 +131,19 @@ async def errors_middleware(
     metrics.HTTP_REQUESTS.labels(route_name, str(response.status)).inc()
     metrics.HTTP_LATENCY.labels(route_name).observe(time.perf_counter() - started)
     return response
+
+
+ROUTES = f"GET {PREFIX}/ping and POST {PREFIX}/webhooks"
+
+
+def _route_detail(request: web.Request, exc: web.HTTPException) -> str:
+    path = request.path[:200]
+    if exc.status == 404:
+        return f"no route {request.method} {path}: the Partner API serves {ROUTES}"
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return f"method {request.method} is not allowed on {path}: use {allowed}"
+    return exc.text or exc.reason
 
 
 async def _caller(request: web.Request) -> Caller:
@@ -199,7 +215,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
 
     verify_request(SignatureHeaders.from_mapping(request.headers), body, caller.secrets)
 
-    event = validate_event(payload)
+    event = validate_event(payload, body)
     record = prepare_record(caller.key.clinic_id, payload, event)
     duplicate = accepted(record, await ingress.stores.submit(record))
 

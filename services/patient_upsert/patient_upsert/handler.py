@@ -127,18 +127,20 @@ class WebhookHandler:
                 return
             except Exception as exc:
                 if len(batch) == 1:
-                    _fail(batch, exc)
+                    _fail(batch, _classify(exc))
                     return
+                # One message spoiled the batch: apply each alone, so the
+                # others succeed and only the bad one is dead-lettered.
                 log.warning("webhook.batch_split", size=len(batch), error=repr(exc))
                 for delivery in batch:
                     try:
                         await self._commit([delivery])
-                    except Exception as single:  # handed to the consumer
-                        _fail([delivery], single)
+                    except Exception as single:
+                        _fail([delivery], _classify(single))
+                    else:
+                        _succeed([delivery])
                 return
-            for delivery in batch:
-                if not delivery.done.done():
-                    delivery.done.set_result(None)
+            _succeed(batch)
         finally:
             self._slots.release()
 
@@ -204,6 +206,21 @@ class WebhookHandler:
         )
         self._timezones[clinic_id] = (now + TIMEZONE_CACHE_SECONDS, zone or "UTC")
         return zone or "UTC"
+
+
+def _classify(exc: BaseException) -> BaseException:
+    """Turn an error no retry can fix into a dead-letter reason; keep the others."""
+    if isinstance(exc, (*TRANSIENT_ERRORS, PermanentMessageError)):
+        return exc
+    if isinstance(exc, (asyncpg.DataError, ValueError, OverflowError)):
+        return PermanentMessageError("unprocessable", f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def _succeed(batch: list[Delivery]) -> None:
+    for delivery in batch:
+        if not delivery.done.done():
+            delivery.done.set_result(None)
 
 
 def _fail(batch: list[Delivery], exc: BaseException) -> None:

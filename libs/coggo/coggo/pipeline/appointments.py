@@ -22,6 +22,9 @@ from coggo.schemas.partner import (
 )
 
 
+CANCELLATION_RANK = 1
+
+
 def _appointment_updates(
     appointment: Appointment | AppointmentRef,
     context: EventContext,
@@ -63,7 +66,17 @@ async def _write_appointment(
     updates = _appointment_updates(appointment, context, status=status)
     if patient is not None:
         updates["patient"] = {"patient_id": patient["id"]}
+    status_update = updates.pop("status", None)
     changed, versions = merge_fields(row, updates, context.stamp)
+    if status_update is not None:
+        # At equal occurredAt a cancellation beats a creation or an update, so
+        # a PIMS that stamps to the second never loses a cancellation.
+        rank = CANCELLATION_RANK if status_update["status"] == "cancelled" else 0
+        view = {**row, **changed, "versions": versions}
+        more, versions = merge_fields(
+            view, {"status": status_update}, context.ranked_stamp(rank)
+        )
+        changed.update(more)
     if versions != row["versions"]:
         store.save("appointments", row, changed, versions)
     await sync_visit(store, context, row, patient)

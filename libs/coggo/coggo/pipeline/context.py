@@ -32,6 +32,10 @@ class EventContext:
     def stamp(self) -> str:
         return make_stamp(self.occurred_at, self.event_id)
 
+    def ranked_stamp(self, rank: int) -> str:
+        """Return the stamp for a write that wins ties with equal `occurredAt` by rank."""
+        return make_stamp(self.occurred_at, self.event_id, rank)
+
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
         self.events.append(
             DomainEvent(type=event_type, clinic_id=self.clinic_id, data=data)

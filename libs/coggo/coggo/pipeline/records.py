@@ -2,7 +2,7 @@
 
 Each mirrored row keeps, in `versions`, the stamp of the event that last wrote
 each logical field. A stamp orders events by `occurredAt` and, for equal
-times, by the event id (the larger id wins), so the newest event wins every
+times, by a rank and then the event id (see `make_stamp`), so the newest event wins every
 field it carries no matter in which order events are delivered; absent
 fields are left alone.
 """
@@ -14,10 +14,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 
-def make_stamp(occurred_at: datetime, event_id: str) -> str:
-    """Build a version stamp that sorts by time, then by event id (the tie rule)."""
+def make_stamp(occurred_at: datetime, event_id: str, rank: int = 0) -> str:
+    """Build a version stamp that sorts by time, then by rank, then by event id.
+
+    Equal times are common from a PIMS that stamps events to the second, so
+    the rank lets a write that must win a tie (a cancellation) do so; among
+    equal ranks the larger event id wins.
+    """
     instant = occurred_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return f"{instant}|{event_id}"
+    return f"{instant}|{rank}|{event_id}"
 
 
 def merge_fields(

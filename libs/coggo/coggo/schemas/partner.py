@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from datetime import date, datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import available_timezones
 
 from pydantic import (
     AwareDatetime,
@@ -150,26 +151,58 @@ class PatientWithOwner(Patient):
     owner: Client
 
 
+# Times outside these years are typing errors, and near the ends of Python's
+# calendar a conversion to UTC would overflow.
+EARLIEST_YEAR = 1900
+LATEST_YEAR = 2200
+
+# Names zoneinfo resolves that are not IANA zones a clinic can be in: the host's
+# own zone, POSIX rule aliases and the leap-second variants.
+_NOT_CLINIC_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+def _check_year(moment: datetime | date) -> None:
+    if not EARLIEST_YEAR <= moment.year <= LATEST_YEAR:
+        raise ValueError(
+            f"must be a date between the years {EARLIEST_YEAR} and {LATEST_YEAR}"
+        )
+
+
 def _check_starts_at(value: str) -> str:
     text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
     try:
-        datetime.fromisoformat(text)
+        parsed = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
             "must be an ISO 8601 local time such as 2026-06-12T14:00:00"
         ) from None
+    _check_year(parsed)
     return value
+
+
+@lru_cache(maxsize=1)
+def _clinic_zones() -> frozenset[str]:
+    return frozenset(
+        name
+        for name in available_timezones()
+        if name not in _NOT_CLINIC_ZONES and not name.startswith(("posix/", "right/"))
+    )
 
 
 def _check_timezone(value: str | None) -> str | None:
     if value is None:
         return None
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    if value not in _clinic_zones():
+        raise ValueError("must be an IANA time zone name such as America/New_York")
+    return value
+
+
+def _check_occurred_at(value: Any) -> Any:
+    # A number would be read as unix seconds; the spec asks for RFC 3339 text.
+    if not isinstance(value, str):
         raise ValueError(
-            "must be an IANA time zone name such as America/New_York"
-        ) from None
+            "must be an RFC 3339 date-time string such as 2026-06-12T09:30:00Z"
+        )
     return value
 
 
@@ -185,7 +218,7 @@ class Appointment(WireModel):
         str, StringConstraints(strip_whitespace=True, min_length=10, max_length=40)
     ]
     timezone: ShortText | None = None
-    duration_minutes: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    duration_minutes: Annotated[int, Field(strict=True, ge=0, le=100_000)] | None = None
     reason: Text | None = None
     external_staff_id: ShortText | None = None
     status: AppointmentStatus | None = None
@@ -239,6 +272,16 @@ class WebhookEvent(WireModel):
     type: EventType
     occurred_at: AwareDatetime
     data: dict[str, Any]
+
+    check_occurred_at_text = field_validator("occurred_at", mode="before")(
+        _check_occurred_at
+    )
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _occurred_at_in_range(cls, value: datetime) -> datetime:
+        _check_year(value)
+        return value
 
 
 class MissingPatient(ValueError):
