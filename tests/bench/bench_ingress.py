@@ -476,7 +476,10 @@ async def processed_event_ids(connection: asyncpg.Connection) -> set[str]:
 
 
 async def wait_drained(connection: asyncpg.Connection, services: Services) -> None:
-    """Wait until every stored event is processed, or until progress stops for 30 s."""
+    """Wait until every stored event is processed and its domain events published.
+
+    Each wait ends early when progress stops for 30 s.
+    """
     stored = int(await connection.fetchval("SELECT count(*) FROM inbound_events"))
     done = await processed_count(connection)
     progress_at = time.monotonic()
@@ -492,6 +495,23 @@ async def wait_drained(connection: asyncpg.Connection, services: Services) -> No
             break
         if time.monotonic() - last_report > 10:
             print(f"    draining: {done}/{stored} processed", flush=True)
+            last_report = time.monotonic()
+
+    # The domain events of the drained work wait in the outbox; a later phase
+    # that times visit.scheduled must not queue behind them.
+    waiting = int(await connection.fetchval("SELECT count(*) FROM outbox"))
+    progress_at = time.monotonic()
+    while waiting:
+        await asyncio.sleep(0.5)
+        services.check()
+        now = int(await connection.fetchval("SELECT count(*) FROM outbox"))
+        if now < waiting:
+            progress_at = time.monotonic()
+        waiting = now
+        if time.monotonic() - progress_at > 30:
+            break
+        if time.monotonic() - last_report > 10:
+            print(f"    publishing: {waiting} domain events waiting", flush=True)
             last_report = time.monotonic()
 
 
