@@ -686,9 +686,13 @@ async def test_unicode_names_round_trip(env: Env) -> None:
     "order",
     [("e1", "e2", "e3"), ("e3", "e2", "e1"), ("e2", "e3", "e1"), ("e1", "e3", "e2")],
 )
-async def test_same_second_cancellation_wins_any_order(env: Env, order: tuple[str, ...]) -> None:
+async def test_same_second_cancellation_wins_any_order(
+    env: Env, order: tuple[str, ...]
+) -> None:
     second = "2026-06-12T10:00:00Z"
-    updated = appointment_event("e2", event_type="appointment.updated", occurred_at=second)
+    updated = appointment_event(
+        "e2", event_type="appointment.updated", occurred_at=second
+    )
     updated["data"]["appointment"]["status"] = "scheduled"
     events = {
         # The cancellation's id sorts first, so only its rank can make it win.

@@ -10,6 +10,7 @@ from coggo.broker import Broker
 from coggo.errors import PermanentMessageError
 from coggo.outbox import OutboxRelay
 from patient_upsert.handler import Delivery, WebhookHandler, parse_message
+
 from tests.support.events import appointment_event
 from tests.support.pipeline import apply
 from tests.support.stack import Env
@@ -38,16 +39,24 @@ def _merge(event_id: str, merged: str, survivor: str) -> dict[str, Any]:
 async def test_bad_message_fails_alone_in_batch(env: Env) -> None:
     await env.create_integration()
     await apply(env.pool, _merge("m1", "pat_a", "pat_b"))
-    relay = OutboxRelay(env.pool, Broker(env.settings.amqp_url, env.topology, name="test"))
+    relay = OutboxRelay(
+        env.pool, Broker(env.settings.amqp_url, env.topology, name="test")
+    )
     handler = WebhookHandler(env.pool, env.topology, relay)
 
     good = [
-        _message(appointment_event(f"e{index}", appointment=f"apt_{index}", patient=f"p{index}"))
+        _message(
+            appointment_event(
+                f"e{index}", appointment=f"apt_{index}", patient=f"p{index}"
+            )
+        )
         for index in range(5)
     ]
     # Merging pat_b back into pat_a would form a cycle: it can never be applied.
     cycle = _message(_merge("m2", "pat_b", "pat_a"))
-    deliveries = [Delivery(*parse_message(body)) for body in [*good[:2], cycle, *good[2:]]]
+    deliveries = [
+        Delivery(*parse_message(body)) for body in [*good[:2], cycle, *good[2:]]
+    ]
 
     await handler._slots.acquire()  # _run_batch releases the slot it was given
     await handler._run_batch(deliveries)

@@ -123,7 +123,7 @@ class Env:
 async def drain(
     queue: aio_pika.abc.AbstractQueue, *, settle: float = 0.3
 ) -> list[dict[str, Any]]:
-    """Read every message the queue holds now and until it stays empty for `settle` s."""
+    """Read every message the queue contains now and until it stays empty for `settle` s."""
     found = []
     deadline = time.monotonic() + settle
     while time.monotonic() < deadline:

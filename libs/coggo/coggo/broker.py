@@ -50,7 +50,7 @@ class OutgoingMessage:
 class Broker:
     """One connection to RabbitMQ that declares the topology each time it opens.
 
-    Publishes are persistent and mandatory (unless told otherwise) on a channel
+    Publishes are persistent and mandatory (unless `mandatory=False`) on a channel
     with publisher confirms that raises on returns, so a publish that returns
     without error was routed to a queue and accepted by the broker.
     """

@@ -25,7 +25,7 @@ SCOPES = ("webhooks:write", "integration:read")
 
 @dataclass(frozen=True)
 class KeyInfo:
-    """What an API key authorizes, as read at one moment."""
+    """The authorization an API key carries, read at one moment."""
 
     key_id: uuid.UUID
     integration_id: uuid.UUID

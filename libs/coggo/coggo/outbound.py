@@ -3,7 +3,7 @@
 Every call has a timeout, follows no redirect and reads at most a fixed number
 of response bytes. Unless private targets are allowed (tests, the local demo),
 the URL must be HTTPS and every address the call could connect to must be a
-global one: loopback, private, link-local (which holds the cloud metadata
+global one: loopback, private, link-local (which contains the cloud metadata
 address 169.254.169.254), CGNAT, multicast, reserved and unspecified addresses
 are refused. The check runs on the addresses the resolver returns, which are
 the ones aiohttp connects to, so DNS rebinding, IPv4-mapped IPv6 literals
@@ -52,7 +52,7 @@ def is_allowed_address(address: str) -> bool:
 
 
 class GuardedResolver(AbstractResolver):
-    """Resolves names and drops the call if any answer is not a global address."""
+    """Resolves names and rejects the call if any resolved address is not global."""
 
     def __init__(self) -> None:
         self._resolver = ThreadedResolver()

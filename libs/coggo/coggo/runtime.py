@@ -1,4 +1,4 @@
-"""What every worker process holds: a pool, a broker link, an outbox relay, ops routes."""
+"""The shared parts of every worker process: a pool, a broker link, an outbox relay, ops routes."""
 
 from __future__ import annotations
 

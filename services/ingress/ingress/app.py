@@ -121,7 +121,7 @@ async def errors_middleware(
             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
         )
     except ConnectionResetError:
-        # The client went away before the answer; there is nobody to tell.
+        # The client closed the connection first, so no response can be sent.
         raise
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error("request.storage_unavailable", route=route_name, error=repr(exc))
@@ -235,7 +235,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
 
 
 def build_app(ingress: Ingress) -> web.Application:
-    # aiohttp answers bodies over client_max_size with 413 on read; the
+    # aiohttp rejects bodies over client_max_size with 413 on read, and the
     # middleware turns that into the JSON error body.
     app = web.Application(
         middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES

@@ -21,7 +21,6 @@ from coggo.schemas.partner import (
     Patient,
 )
 
-
 CANCELLATION_RANK = 1
 
 
@@ -70,7 +69,7 @@ async def _write_appointment(
     changed, versions = merge_fields(row, updates, context.stamp)
     if status_update is not None:
         # At equal occurredAt a cancellation beats a creation or an update, so
-        # a PIMS that stamps to the second never loses a cancellation.
+        # a PIMS that stamps to the second does not lose it to a same-second write.
         rank = CANCELLATION_RANK if status_update["status"] == "cancelled" else 0
         view = {**row, **changed, "versions": versions}
         more, versions = merge_fields(

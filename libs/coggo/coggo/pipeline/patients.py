@@ -22,7 +22,7 @@ from coggo.pipeline.species import fold, resolve_species
 from coggo.pipeline.store import Row, Store
 from coggo.schemas.partner import Patient
 
-# Longest chain of merges followed; a longer one means a cycle or corrupt data.
+# Maximum length of a chain of merges followed. A longer one means a cycle or corrupt data.
 MAX_MERGE_CHAIN = 32
 
 # Logical fields of a patient, each versioned as one, and the columns they set.

@@ -2,9 +2,9 @@
 
 Each mirrored row keeps, in `versions`, the stamp of the event that last wrote
 each logical field. A stamp orders events by `occurredAt` and, for equal
-times, by a rank and then the event id (see `make_stamp`), so the newest event wins every
-field it carries no matter in which order events are delivered; absent
-fields are left alone.
+times, by a rank and then the event id (see `make_stamp`). So the newest event
+wins every field it carries, whatever the order of delivery, and fields it
+leaves out keep their values.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pydantic models of every schema in the Coggo Partner API (OpenAPI 3.1).
 
 Inbound models accept `null` and `""` for optional fields because a PIMS clears
-a stored value that way (the merge rules of RFC 7396); `model_fields_set` tells
+a stored value that way (the merge rules of RFC 7396); `model_fields_set` distinguishes
 an absent field from a cleared one. Unknown keys are ignored, so a PIMS that
 sends more than the spec names is not rejected for it.
 """
@@ -198,7 +198,7 @@ def _check_timezone(value: str | None) -> str | None:
 
 
 def _check_occurred_at(value: Any) -> Any:
-    # A number would be read as unix seconds; the spec asks for RFC 3339 text.
+    # A number would be read as unix seconds; the spec requires RFC 3339 text.
     if not isinstance(value, str):
         raise ValueError(
             "must be an RFC 3339 date-time string such as 2026-06-12T09:30:00Z"
